@@ -1,0 +1,1088 @@
+"""AsyncConsumer: reads a consumer group, runs handlers, acks, retries, claims, dead-letters.
+
+How one consumer is put together (all tasks belong to one task group):
+
+* the **reader** first re-reads this consumer's own pending entries
+  (``XREADGROUP ... 0``), then new ones (``>``), never asking for more than the
+  free capacity ``buffer_size + concurrency - held``;
+* ``concurrency`` **workers** take messages from an ``asyncio.Queue`` and run the
+  handler under ``asyncio.timeout``;
+* the **acker** coalesces acknowledgements (``_acker.py``);
+* the **retrier** holds failed messages until their backoff ends, without a
+  worker, then re-claims them to itself with ``XCLAIM`` so Redis counts the
+  delivery, and puts them back in the queue;
+* the **renewer** resets the idle time of every entry this consumer holds, so
+  that no other consumer claims what is merely waiting in the buffer or for a retry;
+* the **claimer** takes over entries that idled past ``pending_timeout`` (their
+  consumer died) every ``claim_interval``.
+
+"Held" means read from Redis and not yet acked or abandoned: queued, running or
+waiting for a retry. Every held message is in the group's pending list under this
+consumer's name, which is what makes a crash at any point safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import inspect
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from ._acker import Acker
+from ._errors import (
+    ClosedError,
+    DeadLetteredError,
+    GroupRecreatedError,
+    HandlerError,
+    HandlerPanic,
+    MalformedMessageError,
+    MessageLostError,
+    StreamqError,
+    convert,
+    is_nogroup,
+)
+from ._errorstream import ErrorStream
+from ._message import FieldValue, Message, validate_stream_name
+from ._middleware import CallNext
+from ._options import ConsumerOptions
+from ._result import Result, success
+from ._retry import NetworkRetry
+from ._transport import Transport, open_transport
+
+__all__ = ["AsyncConsumer", "ConsumerState", "ConsumerStats", "Handler", "HandlerFunc"]
+
+logger = logging.getLogger("streamq")
+
+HandlerFunc: TypeAlias = Callable[[Message], Awaitable[Result | None]]
+"""``async def handler(msg: Message) -> Result | None`` (``None`` means success)."""
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """An object whose ``handle_event`` coroutine method handles messages."""
+
+    async def handle_event(self, msg: Message) -> Result | None:
+        """Handle one message; return a :class:`~streamq.Result` or ``None`` for success."""
+
+
+# Metadata fields added to dead-lettered entries. The prefix keeps them apart from
+# the application's own fields; `streamq replay` strips them.
+DEAD_FIELDS = (
+    "streamq-original-id",
+    "streamq-original-stream",
+    "streamq-group",
+    "streamq-consumer",
+    "streamq-deliveries",
+    "streamq-error",
+    "streamq-dead-at",
+)
+
+_CLAIM_BATCH = 100
+_RENEW_CHUNK = 500
+_SUCCESS = success()
+
+
+class ConsumerState(enum.Enum):
+    """Lifecycle of a consumer: NEW -> RUNNING -> CLOSING -> CLOSED."""
+
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """A snapshot of a consumer's counters and gauges.
+
+    Counters count since ``listen()`` started; gauges are current values.
+    """
+
+    state: ConsumerState
+    read: int
+    handled: int
+    succeeded: int
+    failed: int
+    retried: int
+    discarded: int
+    dead_lettered: int
+    claimed: int
+    recovered: int
+    lost: int
+    acked: int
+    in_flight: int
+    buffered: int
+    waiting_retry: int
+    pending_acks: int
+    errors_reported: int
+    errors_dropped: int
+
+
+@dataclass(slots=True)
+class _Subscription:
+    stream: str
+    call: CallNext
+    dead_letter: CallNext | None
+    # Highest ID read from this stream, where a vanished group is recreated.
+    last_id: str | None = None
+
+
+def _adapt(handler: HandlerFunc | Handler, what: str) -> HandlerFunc:
+    fn: Any = handler
+    if not inspect.iscoroutinefunction(fn):
+        method = getattr(handler, "handle_event", None)
+        if method is not None and inspect.iscoroutinefunction(method):
+            fn = method
+        elif callable(handler) and inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async __call__ objects
+        ):
+            fn = handler
+        else:
+            raise TypeError(
+                f"{what}: expected an async function (async def f(msg)) or an object with "
+                f"an async handle_event(msg) method, got {handler!r}"
+            )
+    try:
+        inspect.signature(fn).bind(object())
+    except TypeError:
+        raise TypeError(
+            f"{what}: {handler!r} must accept exactly one argument (the message)"
+        ) from None
+    except ValueError:  # no signature available (some builtins): let calls tell
+        pass
+    return fn  # type: ignore[no-any-return]
+
+
+def _as_result(fn: HandlerFunc) -> CallNext:
+    async def call(msg: Message) -> Result:
+        result = await fn(msg)
+        if result is None:
+            return _SUCCESS
+        if not isinstance(result, Result):
+            raise TypeError(
+                f"handler returned {type(result).__name__}; expected a streamq.Result or None"
+            )
+        return result
+
+    return call
+
+
+def _chain(call: CallNext, middleware: Iterable[Any]) -> CallNext:
+    for mw in reversed(tuple(middleware)):
+
+        def wrap(m: Any = mw, inner: CallNext = call) -> CallNext:
+            async def wrapped(msg: Message) -> Result:
+                return await m(msg, inner)  # type: ignore[no-any-return]
+
+            return wrapped
+
+        call = wrap()
+    return call
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class AsyncConsumer:
+    """Processes messages of Redis streams through a consumer group, at least once.
+
+    Build it with a :class:`ConsumerOptions` or the same fields as keywords::
+
+        consumer = AsyncConsumer(redis=client, group="billing", consumer="worker-1")
+        consumer.subscribe("orders", handle_order)
+        async with consumer:          # listens in the background
+            ...                       # until the block ends; then closes gracefully
+
+    or run it in the foreground with ``await consumer.listen()`` and stop it with
+    ``await consumer.aclose()`` from elsewhere.
+
+    Raises:
+        TypeError, ValueError: An option is invalid (the message names it).
+    """
+
+    def __init__(self, options: ConsumerOptions | None = None, /, **fields: Any) -> None:
+        if options is None:
+            options = ConsumerOptions(**fields)
+        elif fields:
+            raise TypeError("pass either a ConsumerOptions or keyword fields, not both")
+        elif not isinstance(options, ConsumerOptions):
+            raise TypeError(f"options: expected ConsumerOptions, got {type(options).__name__}")
+        self.options = options
+        self._subs: dict[str, _Subscription] = {}
+        self._state = ConsumerState.NEW
+        self._errors = ErrorStream(options.error_buffer)
+        self._stop = asyncio.Event()
+        self._done = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._transport: Transport | None = None
+        self._retry = NetworkRetry(options.backoff, options.network_retry, self._report)
+        self._concurrency = options.effective_concurrency
+        self._capacity = options.buffer_size + self._concurrency
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=self._capacity)
+        self._space = asyncio.Event()
+        # (stream, id) of every held message: what the renewer renews and the
+        # claimer must not take.
+        self._held: dict[tuple[str, str], Message] = {}
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._retry_heap: list[tuple[float, int, Message]] = []
+        self._retry_seq = itertools.count()
+        self._retry_wake = asyncio.Event()
+        self._acker: Acker | None = None
+        self._started = asyncio.Event()
+        self._busy: list[bool] = []
+        # Raw fields of malformed entries, dead-lettered as they are.
+        self._raw_dead: dict[tuple[str, str], list[Any]] = {}
+        self._counts = dict.fromkeys(
+            (
+                "read",
+                "handled",
+                "succeeded",
+                "failed",
+                "retried",
+                "discarded",
+                "dead_lettered",
+                "claimed",
+                "recovered",
+                "lost",
+            ),
+            0,
+        )
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def state(self) -> ConsumerState:
+        """Where the consumer is in its lifecycle."""
+        return self._state
+
+    @property
+    def streams(self) -> list[str]:
+        """The subscribed streams, in subscription order."""
+        return list(self._subs)
+
+    def subscribe(
+        self,
+        stream: str,
+        handler: HandlerFunc | Handler,
+        dead_letter: HandlerFunc | Handler | None = None,
+    ) -> None:
+        """Handle messages of ``stream`` with ``handler``.
+
+        Args:
+            stream: The stream's key.
+            handler: ``async def handler(msg) -> Result | None`` or an object with
+                such a ``handle_event`` method.
+            dead_letter: Called instead of ``handler`` for messages that exhausted
+                ``max_retry``. Without it they are appended to the dead-letter
+                stream (``options.dead_letter_stream``) and acked.
+
+        Raises:
+            TypeError: A handler is not a coroutine function (or object with one).
+            ValueError: ``stream`` is already subscribed or empty.
+            ClosedError: The consumer already started or closed.
+        """
+        if self._state is not ConsumerState.NEW:
+            raise ClosedError(f"subscribe({stream!r}): the consumer is already {self._state.value}")
+        validate_stream_name(stream, "stream")
+        if stream in self._subs:
+            raise ValueError(
+                f"stream: {stream!r} is already subscribed (one handler per stream; "
+                "one dead-letter handler at most)"
+            )
+        mw = self.options.middleware
+        call = _chain(_as_result(_adapt(handler, "handler")), mw)
+        dead = None
+        if dead_letter is not None:
+            dead = _chain(_as_result(_adapt(dead_letter, "dead_letter")), mw)
+        self._subs[stream] = _Subscription(stream=stream, call=call, dead_letter=dead)
+
+    def errors(self) -> ErrorStream:
+        """The non-fatal errors, as an async iterator that ends when the consumer closes.
+
+        Nobody has to read it: it keeps the newest ``error_buffer`` errors, counts
+        the rest as dropped, and every error is also logged to ``streamq``.
+        """
+        return self._errors
+
+    def stats(self) -> ConsumerStats:
+        """A snapshot of counters (read, handled, retried, ...) and gauges (in flight, ...)."""
+        c = self._counts
+        err = self._errors.statistics()
+        return ConsumerStats(
+            state=self._state,
+            read=c["read"],
+            handled=c["handled"],
+            succeeded=c["succeeded"],
+            failed=c["failed"],
+            retried=c["retried"],
+            discarded=c["discarded"],
+            dead_lettered=c["dead_lettered"],
+            claimed=c["claimed"],
+            recovered=c["recovered"],
+            lost=c["lost"],
+            acked=self._acker.acked if self._acker else 0,
+            in_flight=self._in_flight,
+            buffered=self._queue.qsize(),
+            waiting_retry=len(self._retry_heap),
+            pending_acks=self._acker.pending if self._acker else 0,
+            errors_reported=err.reported,
+            errors_dropped=err.dropped,
+        )
+
+    async def listen(self) -> None:
+        """Create the groups, then read, handle, ack, retry and claim until closed.
+
+        Returns ``None`` after :meth:`aclose`. If the task running it is cancelled,
+        it cleans up (flushes acks of finished handlers) and re-raises. With no
+        subscriptions it returns at once.
+
+        Raises:
+            NetworkError: Redis stayed unreachable through ``network_retry`` retries.
+            RedisError: Redis refused an operation for good (WRONGTYPE, NOPERM, ...).
+            ClosedError: ``listen()`` was already called, or the consumer is closed.
+        """
+        if self._state is not ConsumerState.NEW:
+            raise ClosedError(f"listen(): the consumer is already {self._state.value}")
+        self._state = ConsumerState.RUNNING
+        try:
+            if not self._subs:
+                return
+            await self._run()
+        finally:
+            self._state = ConsumerState.CLOSED
+            self._errors.close()
+            self._done.set()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def aclose(self) -> None:
+        """Stop gracefully; idempotent.
+
+        Stops reading, lets running handlers finish (at most ``shutdown_timeout``
+        seconds, then cancels them), acks what finished, and leaves everything
+        else pending in Redis for the next start or another consumer. Returns
+        within about ``shutdown_timeout`` (plus one ack round trip) even if a
+        handler ignores cancellation.
+        """
+        if self._state is ConsumerState.NEW:
+            self._state = ConsumerState.CLOSED
+            self._errors.close()
+            self._done.set()
+            return
+        if self._state is ConsumerState.RUNNING:
+            self._state = ConsumerState.CLOSING
+        self._stop.set()
+        await self._done.wait()
+        task = self._background
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved here; __aexit__ re-raises it
+
+    async def __aenter__(self) -> AsyncConsumer:
+        if self._state is not ConsumerState.NEW:
+            raise ClosedError(f"the consumer is already {self._state.value}")
+        # The background task is owned by this object: aclose() always awaits it.
+        self._background = asyncio.create_task(self.listen(), name="streamq-consumer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+        task = self._background
+        if task is not None and task.done() and not task.cancelled():
+            fatal = task.exception()
+            if fatal is not None:
+                raise fatal
+
+    # -- running ------------------------------------------------------------
+
+    def _report(self, error: StreamqError) -> None:
+        self._errors.report(error)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record a fatal error and start shutting down."""
+        if self._fatal is None:
+            self._fatal = exc
+        self._state = ConsumerState.CLOSING
+        self._stop.set()
+
+    async def _guard(self, coro: Awaitable[None]) -> None:
+        """Run a background loop; any error in it stops the consumer instead of the group."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(convert(exc, "consumer"))
+
+    async def _run(self) -> None:
+        opts = self.options
+        self._transport = transport = open_transport(opts.redis, opts.command_timeout)
+        self._acker = acker = Acker(transport, opts.group, self._retry, self._report)
+        self._busy = [False] * self._concurrency
+        try:
+            async with asyncio.TaskGroup() as tg:
+                background = [
+                    tg.create_task(self._guard(self._read_loop()), name="streamq-reader"),
+                    tg.create_task(self._guard(self._retry_loop()), name="streamq-retrier"),
+                ]
+                if opts.pending_timeout > 0:
+                    background.append(
+                        tg.create_task(self._guard(self._renew_loop()), name="streamq-renewer")
+                    )
+                if opts.claim_interval > 0:
+                    background.append(
+                        tg.create_task(self._guard(self._claim_loop()), name="streamq-claimer")
+                    )
+                ack_task = tg.create_task(self._guard(acker.run()), name="streamq-acker")
+                workers = [
+                    tg.create_task(self._worker(i), name=f"streamq-worker-{i}")
+                    for i in range(self._concurrency)
+                ]
+                try:
+                    await self._stop.wait()
+                finally:
+                    await self._shutdown(background, workers, ack_task)
+        finally:
+            self._state = ConsumerState.CLOSING
+            await transport.aclose()
+
+    async def _shutdown(
+        self,
+        background: list[asyncio.Task[None]],
+        workers: list[asyncio.Task[None]],
+        ack_task: asyncio.Task[None],
+    ) -> None:
+        """Stop reading, drain running handlers, flush acks. Runs even when cancelled."""
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        for task in background:
+            task.cancel()
+        # New messages stay in the queue, pending in Redis, for the next owner.
+        self._draining.set()
+        if self._in_flight == 0:
+            self._drained.set()
+        for busy, task in zip(self._busy, workers, strict=True):
+            if not busy:
+                task.cancel()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await self._drained.wait()
+        for task in workers:
+            task.cancel()
+        # A handler that ignores cancellation must not hold shutdown hostage: wait a
+        # moment for workers, then flush the acks of whatever finished regardless.
+        remaining = [t for t in (*workers, *background) if not t.done()]
+        if remaining:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(remaining, timeout=max(deadline - time.monotonic(), 0.1))
+        ack_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([ack_task], timeout=self.options.command_timeout)
+        acker = self._acker
+        if acker is not None and acker.pending:
+            # The final acks must be sent even if listen() itself is being cancelled.
+            flush = asyncio.ensure_future(acker.flush())
+            try:
+                await asyncio.wait_for(asyncio.shield(flush), self.options.command_timeout * 3)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(flush, self.options.command_timeout * 3)
+                raise
+            except Exception as exc:
+                self._report(convert(exc, "final XACK"))
+        stuck = [t for t in workers if not t.done()]
+        if stuck:
+            logger.error(
+                "streamq: %d handler(s) ignored cancellation at shutdown; their messages "
+                "stay pending and the consumer stops waiting for them",
+                len(stuck),
+            )
+        self._state = ConsumerState.CLOSED
+        self._errors.close()
+        self._done.set()
+
+    async def _create_groups(self, start_id: str, *, recreate: bool) -> None:
+        transport = self._transport
+        assert transport is not None  # set by _run before any task starts
+        group = self.options.group
+        for sub in self._subs.values():
+            position = start_id
+            if recreate:
+                # Resume after the last entry this consumer saw; on a stream that was
+                # deleted (now empty) take everything that arrives from now on.
+                length = await self._retry.call(
+                    f"XLEN {sub.stream}",
+                    transport.execute,
+                    "XLEN",
+                    sub.stream,
+                )
+                position = "0" if int(length) == 0 or sub.last_id is None else sub.last_id
+            try:
+                await self._retry.call(
+                    f"XGROUP CREATE {sub.stream}",
+                    transport.execute,
+                    *("XGROUP", "CREATE", sub.stream, group, position, "MKSTREAM"),
+                )
+            except StreamqError as exc:
+                if "BUSYGROUP" in str(exc.error):
+                    continue
+                raise
+            if recreate:
+                self._report(
+                    GroupRecreatedError(
+                        f"consumer group {group!r} of stream {sub.stream!r} was missing "
+                        f"(deleted group or stream); recreated at {position}"
+                    )
+                )
+
+    # -- reading -------------------------------------------------------------
+
+    def _free(self) -> int:
+        return self._capacity - len(self._held)
+
+    async def _wait_for_space(self) -> int:
+        while True:
+            free = self._free()
+            if free > 0:
+                return free
+            self._space.clear()
+            await self._space.wait()
+
+    def _release(self, msg: Message) -> None:
+        """Forget a message this consumer held (acked, dead-lettered or abandoned)."""
+        if self._held.pop((msg.stream, msg.id), None) is not None:
+            self._space.set()
+
+    def _admit(self, msg: Message) -> None:
+        key = (msg.stream, msg.id)
+        if key in self._held:
+            return
+        self._held[key] = msg
+        self._queue.put_nowait(msg)
+
+    def _make(self, stream: str, raw_id: Any, fields: Any, deliveries: int) -> Message | None:
+        """Turn one raw entry into a Message; report and dead-letter what cannot be."""
+        entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        try:
+            it = iter(fields)
+            values: dict[str, FieldValue] = {k.decode(): v for k, v in zip(it, it, strict=True)}
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
+            raw = Message._received(stream, entry_id, {}, deliveries)
+            self._report(
+                MalformedMessageError(
+                    f"entry {entry_id} of {stream!r} has fields that are not UTF-8 names "
+                    f"({exc}); dead-lettering it untouched",
+                    message=raw,
+                    error=exc,
+                )
+            )
+            self._held[(stream, entry_id)] = raw
+            self._raw_dead[(stream, entry_id)] = list(fields or ())
+            self._queue.put_nowait(raw)
+            return None
+        return Message._received(stream, entry_id, values, deliveries)
+
+    async def _read_loop(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        await self._retry.call("INFO", transport.server_info)
+        await self._create_groups(opts.start_id, recreate=False)
+        await self._recover_own_pending()
+        # Claiming and renewing start only now, so that they never race the
+        # recovery of this consumer's own pending entries.
+        self._started.set()
+        streams = list(self._subs)
+        prefix = ["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT"]
+        block_ms = round(opts.read_timeout * 1000)
+        suffix = ["BLOCK", block_ms, "STREAMS", *streams, *([">"] * len(streams))]
+        subs = self._subs
+        counts = self._counts
+        nogroup_streak = 0
+        while True:
+            free = await self._wait_for_space()
+            args = [*prefix, free, *suffix]
+            try:
+                reply = await self._retry.call(
+                    "XREADGROUP", transport.blocking, args, opts.read_timeout
+                )
+            except StreamqError as exc:
+                if exc.error is not None and is_nogroup(exc.error):
+                    await asyncio.sleep(opts.backoff.for_attempt(nogroup_streak))
+                    nogroup_streak += 1
+                    await self._create_groups(opts.start_id, recreate=True)
+                    continue
+                raise
+            nogroup_streak = 0
+            if not reply:
+                continue
+            for raw_stream, entries in reply:
+                stream = raw_stream.decode()
+                sub = subs[stream]
+                for raw_id, fields in entries:
+                    msg = self._make(stream, raw_id, fields, 1)
+                    counts["read"] += 1
+                    if msg is not None:
+                        self._admit(msg)
+                if entries:
+                    last = entries[-1][0]
+                    sub.last_id = last.decode() if isinstance(last, bytes) else str(last)
+
+    async def _recover_own_pending(self) -> None:
+        """Re-deliver what this consumer read but never acked (e.g. before a crash)."""
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        cursors = dict.fromkeys(self._subs, "0")
+        while cursors:
+            free = await self._wait_for_space()
+            streams = list(cursors)
+            args = [
+                "XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT", free,
+                "STREAMS", *streams, *(cursors[s] for s in streams),
+            ]  # fmt: skip
+            reply = await self._retry.call("XREADGROUP 0", transport.execute, *args)
+            got = {raw_stream.decode(): entries for raw_stream, entries in reply or ()}
+            for stream in streams:
+                entries = got.get(stream)
+                if not entries:
+                    del cursors[stream]
+                    continue
+                ids = [e[0].decode() for e in entries]
+                cursors[stream] = ids[-1]
+                deliveries = await self._deliveries(stream, ids[0], ids[-1], len(ids))
+                for (_, fields), entry_id in zip(entries, ids, strict=True):
+                    if fields is None:
+                        self._lost(stream, entry_id)
+                        continue
+                    msg = self._make(stream, entry_id.encode(), fields, deliveries.get(entry_id, 1))
+                    self._counts["recovered"] += 1
+                    if msg is not None:
+                        self._admit(msg)
+
+    async def _deliveries(self, stream: str, first: str, last: str, count: int) -> dict[str, int]:
+        """Delivery counts of this consumer's pending entries between two IDs."""
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        reply = await self._retry.call(
+            f"XPENDING {stream}",
+            transport.execute,
+            *("XPENDING", stream, opts.group, first, last, count, opts.consumer),
+        )
+        return {row[0].decode(): int(row[3]) for row in reply or ()}
+
+    def _lost(self, stream: str, entry_id: str) -> None:
+        self._counts["lost"] += 1
+        self._report(
+            MessageLostError(
+                f"entry {entry_id} of {stream!r} was deleted from the stream (trimmed?) "
+                "before it was processed; removing it from the pending list",
+                stream=stream,
+                entry_id=entry_id,
+            )
+        )
+        assert self._acker is not None
+        self._acker.add(stream, entry_id)
+
+    # -- handling ------------------------------------------------------------
+
+    async def _worker(self, index: int) -> None:
+        queue = self._queue
+        busy = self._busy
+        while True:
+            msg = await queue.get()
+            if self._draining.is_set():
+                return
+            self._in_flight += 1
+            busy[index] = True
+            try:
+                await self._process(msg)
+            finally:
+                busy[index] = False
+                self._in_flight -= 1
+                if self._in_flight == 0 and self._draining.is_set():
+                    self._drained.set()
+
+    async def _process(self, msg: Message) -> None:
+        sub = self._subs[msg.stream]
+        max_retry = self.options.max_retry
+        raw = self._raw_dead.pop((msg.stream, msg.id), None) if self._raw_dead else None
+        if raw is not None:
+            await self._dead_letter(msg, sub, None, raw_fields=raw)
+            return
+        if max_retry >= 0 and msg._deliveries > max_retry + 1:
+            err = HandlerError(
+                f"message {msg.id} of {msg.stream!r} was delivered {msg._deliveries} times "
+                "without being acknowledged (its consumer crashed or was killed?)",
+                message=msg,
+            )
+            await self._dead_letter(msg, sub, err)
+            return
+        result = await self._call(sub.call, msg)
+        self._counts["handled"] += 1
+        self._settle(msg, sub, result)
+        if result.retry and max_retry >= 0 and msg.retry_count >= max_retry:
+            await self._dead_letter(msg, sub, result.error)
+
+    async def _call(self, call: CallNext, msg: Message) -> Result:
+        """Run a handler under the timeout and map its outcome to a Result."""
+        timeout = self.options.handler_timeout
+        cm = None
+        try:
+            if timeout:
+                async with asyncio.timeout(timeout) as cm:
+                    return await call(msg)
+            return await call(msg)
+        except TimeoutError as exc:
+            if cm is not None and cm.expired():
+                error: BaseException = TimeoutError(
+                    f"handler took longer than handler_timeout={timeout} s"
+                )
+                error.__cause__ = exc
+                return Result(retry=True, error=_Timeout(error))
+            return Result(retry=True, error=_Panic(exc))
+        except Exception as exc:
+            return Result(retry=True, error=_Panic(exc))
+
+    def _settle(self, msg: Message, sub: _Subscription, result: Result) -> None:
+        """Ack, schedule a retry, or leave for dead-lettering, and report."""
+        error = result.error
+        if error is None:
+            self._counts["succeeded"] += 1
+            self._ack(msg)
+            return
+        exhausted = self.options.max_retry >= 0 and msg.retry_count >= self.options.max_retry
+        retrying = result.retry and not exhausted
+        if isinstance(error, _Panic):
+            cause = error.error
+            self._report(
+                HandlerPanic(
+                    f"handler for {msg.stream!r} raised {type(cause).__name__}: {cause} "
+                    f"(message {msg.id}, delivery {msg.deliveries})",
+                    message=msg,
+                    error=cause,
+                    retrying=retrying,
+                )
+            )
+        else:
+            cause = error.error if isinstance(error, _Timeout) else error
+            self._report(
+                HandlerError(
+                    f"handler for {msg.stream!r} failed: {cause} "
+                    f"(message {msg.id}, delivery {msg.deliveries})",
+                    message=msg,
+                    error=cause,
+                    retrying=retrying,
+                )
+            )
+        if not result.retry:
+            self._counts["discarded"] += 1
+            self._ack(msg)
+            return
+        self._counts["failed"] += 1
+        if retrying:
+            delay = result.backoff
+            if delay is None:
+                delay = self.options.backoff.for_attempt(msg.retry_count)
+            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._retry_seq), msg))
+            self._retry_wake.set()
+
+    def _ack(self, msg: Message) -> None:
+        assert self._acker is not None
+        self._acker.add(msg.stream, msg.id)
+        self._release(msg)
+
+    async def _dead_letter(
+        self,
+        msg: Message,
+        sub: _Subscription,
+        error: BaseException | None,
+        *,
+        raw_fields: list[Any] | None = None,
+    ) -> None:
+        """Give an exhausted message to the dead-letter handler, or the dead-letter stream."""
+        if isinstance(error, _Panic | _Timeout):
+            error = error.error
+        if sub.dead_letter is not None and raw_fields is None:
+            self._report(
+                DeadLetteredError(
+                    f"message {msg.id} of {msg.stream!r} exhausted max_retry="
+                    f"{self.options.max_retry}; passing it to the dead-letter handler",
+                    message=msg,
+                    error=error,
+                )
+            )
+            result = await self._call(sub.dead_letter, msg)
+            if result.ok:
+                self._counts["dead_lettered"] += 1
+                self._ack(msg)
+            elif not result.retry:
+                self._settle(msg, sub, result)
+            else:
+                # Keep it: it comes back to the dead-letter handler after a backoff.
+                self._settle_dead_retry(msg, sub, result)
+            return
+        target = self.options.dead_letter_stream_for(msg.stream)
+        if target is not None:
+            await self._append_dead(msg, target, error, raw_fields)
+        self._counts["dead_lettered"] += 1
+        self._report(
+            DeadLetteredError(
+                f"message {msg.id} of {msg.stream!r} exhausted max_retry="
+                f"{self.options.max_retry}"
+                + (
+                    f"; appended to {target!r}" if target else "; dropped (dead_letter_stream=None)"
+                ),
+                message=msg,
+                error=error,
+                dead_letter_stream=target,
+            )
+        )
+        # Acked only after the dead-letter entry is stored: a crash in between
+        # duplicates the dead letter at worst, never loses the message.
+        self._ack(msg)
+
+    def _settle_dead_retry(self, msg: Message, sub: _Subscription, result: Result) -> None:
+        self._counts["failed"] += 1
+        error = result.error
+        cause = error.error if isinstance(error, _Panic | _Timeout) else error
+        self._report(
+            HandlerError(
+                f"dead-letter handler for {msg.stream!r} failed: {cause} (message {msg.id})",
+                message=msg,
+                error=cause,
+                retrying=True,
+            )
+        )
+        delay = result.backoff
+        if delay is None:
+            delay = self.options.backoff.for_attempt(msg.retry_count)
+        heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._retry_seq), msg))
+        self._retry_wake.set()
+
+    async def _append_dead(
+        self,
+        msg: Message,
+        target: str,
+        error: BaseException | None,
+        raw_fields: list[Any] | None,
+    ) -> None:
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        fields: list[Any] = []
+        if raw_fields is not None:
+            fields.extend(raw_fields)
+        else:
+            for k, v in msg.values.items():
+                fields.extend((k, v))
+        error_text = "" if error is None else f"{type(error).__name__}: {error}"
+        meta = (
+            msg.id,
+            msg.stream,
+            opts.group,
+            opts.consumer,
+            msg.deliveries,
+            error_text,
+            f"{time.time():.3f}",
+        )
+        for name, value in zip(DEAD_FIELDS, meta, strict=True):
+            fields.extend((name, value))
+        await self._retry.call(
+            f"XADD {target}", transport.execute, "XADD", target, "*", *fields, message=msg
+        )
+
+    # -- retries, renewal, claiming -----------------------------------------
+
+    async def _retry_loop(self) -> None:
+        heap = self._retry_heap
+        while True:
+            now = time.monotonic()
+            if not heap:
+                self._retry_wake.clear()
+                await self._retry_wake.wait()
+                continue
+            if heap[0][0] > now:
+                self._retry_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(heap[0][0] - now):
+                        await self._retry_wake.wait()
+                continue
+            due: dict[str, list[Message]] = {}
+            while heap and heap[0][0] <= now:
+                msg = heapq.heappop(heap)[2]
+                due.setdefault(msg.stream, []).append(msg)
+            for stream, msgs in due.items():
+                await self._reclaim(stream, msgs)
+
+    async def _reclaim(self, stream: str, msgs: list[Message]) -> None:
+        """Claim due retries back to this consumer (Redis counts the delivery) and queue them."""
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        by_id = {m.id: m for m in msgs}
+        try:
+            reply = await self._retry.call(
+                f"XCLAIM {stream}",
+                transport.execute,
+                "XCLAIM",
+                stream,
+                opts.group,
+                opts.consumer,
+                0,
+                *by_id,
+            )
+        except StreamqError as exc:
+            if exc.error is None or not is_nogroup(exc.error):
+                raise
+            # The group vanished with these entries in it: handle them again from
+            # memory rather than lose them (their ack will be a no-op).
+            for msg in msgs:
+                msg._deliveries += 1
+                self._queue.put_nowait(msg)
+            return
+        for raw_id, fields in reply or ():
+            entry_id = raw_id.decode()
+            old = by_id.pop(entry_id, None)
+            if old is None:
+                continue
+            if fields is None:
+                by_id[entry_id] = old  # deleted: handled below
+                continue
+            old._deliveries += 1
+            self._counts["retried"] += 1
+            # Still held (counted in capacity); the queue always has room for it.
+            self._queue.put_nowait(old)
+        for entry_id, msg in by_id.items():
+            self._release(msg)
+            await self._gone(stream, entry_id)
+
+    async def _gone(self, stream: str, entry_id: str) -> None:
+        """An entry could not be claimed: trimmed (report it) or taken by another consumer."""
+        transport = self._transport
+        assert transport is not None
+        found = await self._retry.call(
+            f"XRANGE {stream}", transport.execute, "XRANGE", stream, entry_id, entry_id
+        )
+        if not found:
+            self._lost(stream, entry_id)
+
+    async def _renew_loop(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        interval = opts.pending_timeout / 3
+        await self._started.wait()
+        while True:
+            await asyncio.sleep(interval)
+            by_stream: dict[str, list[str]] = {}
+            for stream, entry_id in list(self._held):
+                by_stream.setdefault(stream, []).append(entry_id)
+            commands = [
+                (
+                    "XCLAIM",
+                    stream,
+                    opts.group,
+                    opts.consumer,
+                    0,
+                    *ids[i : i + _RENEW_CHUNK],
+                    "JUSTID",
+                )
+                for stream, ids in by_stream.items()
+                for i in range(0, len(ids), _RENEW_CHUNK)
+            ]
+            if commands:
+                await self._retry.call("XCLAIM JUSTID", transport.pipeline, commands)
+
+    async def _claim_loop(self) -> None:
+        opts = self.options
+        await self._started.wait()
+        while True:
+            for stream in list(self._subs):
+                try:
+                    await self._claim(stream)
+                except StreamqError as exc:
+                    # The reader recreates a vanished group; claiming waits for it.
+                    if exc.error is None or not is_nogroup(exc.error):
+                        raise
+            await asyncio.sleep(opts.claim_interval)
+
+    async def _claim(self, stream: str) -> None:
+        """Take over entries of ``stream`` idle longer than pending_timeout."""
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        idle_ms = round(opts.pending_timeout * 1000)
+        start = "-"
+        while True:
+            free = self._free()
+            if free <= 0:
+                return
+            rows = await self._retry.call(
+                f"XPENDING {stream}",
+                transport.execute,
+                *("XPENDING", stream, opts.group, "IDLE", idle_ms, start, "+", _CLAIM_BATCH),
+            )
+            if not rows:
+                return
+            counts: dict[str, int] = {}
+            for row in rows:
+                entry_id = row[0].decode()
+                if (stream, entry_id) not in self._held:
+                    counts[entry_id] = int(row[3])
+            start = "(" + rows[-1][0].decode()
+            wanted = list(counts)[:free]
+            if wanted:
+                reply = await self._retry.call(
+                    f"XCLAIM {stream}",
+                    transport.execute,
+                    *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *wanted),
+                )
+                claimed = set()
+                for raw_id, fields in reply or ():
+                    entry_id = raw_id.decode()
+                    claimed.add(entry_id)
+                    if fields is None:
+                        self._lost(stream, entry_id)
+                        continue
+                    msg = self._make(stream, raw_id, fields, counts[entry_id] + 1)
+                    self._counts["claimed"] += 1
+                    if msg is not None:
+                        self._admit(msg)
+                for entry_id in wanted:
+                    if entry_id not in claimed:
+                        await self._gone(stream, entry_id)
+            if len(rows) < _CLAIM_BATCH:
+                return
+
+
+class _Panic(Exception):
+    """Internal marker: the handler raised ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Timeout(Exception):
+    """Internal marker: the handler hit handler_timeout (``error`` is a TimeoutError)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error

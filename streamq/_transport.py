@@ -1,0 +1,213 @@
+"""streamq's own connections to Redis, and the one place that talks to redis-py.
+
+Why streamq does not send its commands through the client it is given:
+
+* redis-py 8 retries every command by itself (10 times, with its own backoff), so
+  a second retry layer on top multiplies attempts and hides outages. streamq owns
+  retrying (through tenacity, in ``_retry.py``) and disables redis-py's.
+* A blocking ``XREADGROUP`` must not trip the client's socket timeout, and a
+  cancelled blocking read must never go back into a pool with an unread reply.
+  streamq gives the read its own connection and its own deadline.
+* Replies are parsed by streamq (RESP2, undecoded), so the client's
+  ``decode_responses`` setting cannot corrupt binary payloads.
+
+So a :class:`Transport` clones the connection settings of the user's client
+(host, port, password, TLS, ...) into a pool of its own. The user's client is
+never closed or reconfigured; a client built from a URL is closed on ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.client import CaseInsensitiveDict
+
+from ._errors import UnsupportedServerError
+
+__all__ = ["ServerInfo", "Transport", "open_transport"]
+
+Command = Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What a server said about itself.
+
+    Attributes:
+        name: ``"redis"`` or ``"valkey"`` (or whatever the server reports).
+        version: The version as a tuple of ints, e.g. ``(7, 0, 15)``.
+    """
+
+    name: str
+    version: tuple[int, ...]
+
+    @property
+    def version_text(self) -> str:
+        """The version as ``"7.0.15"``."""
+        return ".".join(map(str, self.version))
+
+
+_POOL_OWNED = (
+    "connection_pool",
+    "maint_notifications_pool_handler",
+    "maint_notifications_config",
+    "oss_cluster_maint_notifications_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+    "himport_registry",
+)
+
+# Oldest server streamq can run on: XPENDING IDLE and exclusive ranges came in 6.2.
+MIN_VERSION = (6, 2)
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+class Transport:
+    """Commands to one standalone Redis (or Valkey) server, on connections streamq owns.
+
+    Args:
+        client: The user's client; its connection settings are copied.
+        owned: Whether ``client`` was built by streamq (then it is closed too).
+        command_timeout: Seconds to wait for the answer to a non-blocking command.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, owned: bool, command_timeout: float) -> None:
+        self._user_client = client
+        self._owned = owned
+        self.command_timeout = command_timeout
+        source = client.connection_pool
+        kwargs = dict(source.connection_kwargs)
+        kwargs.update(
+            # One retry layer: ours. redis-py's Retry(…, 0) makes exactly one attempt.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            retry_on_error=[],
+            protocol=2,
+            decode_responses=False,
+            socket_timeout=command_timeout,
+        )
+        connect_timeout = kwargs.get("socket_connect_timeout")
+        if connect_timeout is None or connect_timeout > command_timeout:
+            kwargs["socket_connect_timeout"] = command_timeout
+        # State that a pool injects into its own connections' kwargs; the new pool
+        # builds its own (maintenance notifications need RESP3, which streamq avoids).
+        for key in _POOL_OWNED:
+            kwargs.pop(key, None)
+        self.pool = ConnectionPool(connection_class=source.connection_class, **kwargs)
+        self.client = aioredis.Redis(connection_pool=self.pool)
+        # Raw replies: streamq parses them itself, cheaply and independent of the
+        # redis-py version's reply shapes.
+        self.client.response_callbacks = CaseInsensitiveDict({})
+        self._blocking: AbstractConnection | None = None
+        self.server: ServerInfo | None = None
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its raw (RESP2, undecoded) reply."""
+        return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """Send commands in one round trip; per-command errors are returned, not raised.
+
+        A connection failure raises (the whole batch may or may not have run).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for cmd in commands:
+            pipe.execute_command(*cmd)
+        return await pipe.execute(raise_on_error=False)
+
+    async def blocking(self, args: Command, block: float) -> Any:
+        """Run a blocking command (``XREADGROUP ... BLOCK``) on a dedicated connection.
+
+        Args:
+            args: The command.
+            block: The command's own block time in seconds (0: forever). The reply
+                is awaited that long plus ``command_timeout``; a reply that takes
+                longer means a stalled connection, which is dropped.
+
+        Raises:
+            TimeoutError: The server did not answer in time.
+        """
+        conn = self._blocking
+        if conn is None:
+            conn = self._blocking = self.pool.make_connection()  # type: ignore[no-untyped-call]
+        deadline = None if block == 0 else block + self.command_timeout
+        try:
+            await conn.send_command(*args)
+            # read_response(timeout=...) returns None on expiry and keeps the
+            # connection, whose reply is then still in flight. asyncio.timeout
+            # cancels the read instead, and a cancelled read disconnects.
+            async with asyncio.timeout(deadline):
+                return await conn.read_response(timeout=math.inf)
+        except BaseException:
+            # Whatever went wrong (cancellation included), the connection may hold
+            # half a reply: never reuse it.
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def server_info(self) -> ServerInfo:
+        """Ask the server its name and version (cached), refusing servers older than 6.2.
+
+        Raises:
+            UnsupportedServerError: The server is older than streamq supports.
+        """
+        if self.server is not None:
+            return self.server
+        name, version = "redis", ""
+        raw = await self.execute("INFO", "server")
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        fields = dict(
+            line.split(":", 1) for line in text.splitlines() if ":" in line and line[0] != "#"
+        )
+        name = fields.get("server_name", "redis").strip() or "redis"
+        version = fields.get(f"{name}_version", fields.get("redis_version", "")).strip()
+        info = ServerInfo(name=name, version=_parse_version(version))
+        if info.version and info.version < MIN_VERSION:
+            raise UnsupportedServerError(
+                f"{name} {info.version_text} is too old: streamq needs Redis >= 6.2 "
+                "(XPENDING IDLE, XAUTOCLAIM)"
+            )
+        self.server = info
+        return info
+
+    async def aclose(self) -> None:
+        """Close streamq's connections (and the client, when streamq built it)."""
+        if self._blocking is not None:
+            await self._blocking.disconnect(nowait=True)
+            self._blocking = None
+        await self.pool.disconnect()
+        if self._owned:
+            await self._user_client.aclose()
+
+
+def open_transport(redis: aioredis.Redis | RedisCluster | str, command_timeout: float) -> Transport:
+    """Build the transport for a client or URL (see :data:`~streamq.RedisLike`).
+
+    Raises:
+        UnsupportedServerError: ``redis`` is a cluster client (not supported yet).
+    """
+    if isinstance(redis, str):
+        return Transport(
+            aioredis.Redis.from_url(redis), owned=True, command_timeout=command_timeout
+        )
+    if isinstance(redis, RedisCluster):
+        raise UnsupportedServerError("Redis Cluster clients are not supported by this transport")
+    return Transport(redis, owned=False, command_timeout=command_timeout)
