@@ -1,0 +1,46 @@
+"""Developer sessions: tests, lint, types (and more, added by later issues).
+
+Python versions come from the package metadata (the classifiers), so that adding a
+version to pyproject.toml is the only change needed to test it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "types"]
+
+_PYPROJECT = tomllib.loads(Path("pyproject.toml").read_text())
+_CLASSIFIER = "Programming Language :: Python :: "
+PYTHONS = [
+    c.removeprefix(_CLASSIFIER)
+    for c in _PYPROJECT["project"]["classifiers"]
+    if c.startswith(_CLASSIFIER) and c.removeprefix(_CLASSIFIER).count(".") == 1
+]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (real redis-server processes started by the tests)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", "streamq", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "streamq", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "streamq")
