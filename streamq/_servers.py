@@ -924,6 +924,9 @@ class LocalRedis:
         self._state.proc = proc
         deadline = time.monotonic() + self.startup_timeout
         delay = 0.005
+        # Short at first: a process that lost the port race leaves us talking to
+        # whoever owns the port, and may never get an answer.
+        ping_timeout = 0.2
         while True:
             if proc.poll() is not None:
                 proc.wait()
@@ -935,8 +938,9 @@ class LocalRedis:
                     f"{self.binary.path} exited with code {proc.returncode} during startup"
                     f" (port {self._port})\n{tail}"
                 )
-            if self._answers_ping(proc.pid):
+            if self._answers_ping(proc.pid, ping_timeout):
                 return
+            ping_timeout = min(ping_timeout * 1.5, 2.0)
             if time.monotonic() > deadline:
                 self.kill()
                 raise ServerStartError(
@@ -946,12 +950,12 @@ class LocalRedis:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def _answers_ping(self, pid: int) -> bool:
+    def _answers_ping(self, pid: int, timeout: float) -> bool:
         try:
             with _RespConnection(
                 self.host,
                 self.port,
-                timeout=1.0,
+                timeout=timeout,
                 ssl_context=self._ssl_context,
                 password=self.password,
             ) as conn:
