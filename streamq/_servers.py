@@ -589,8 +589,8 @@ class LocalRedis:
         if username is None and password is None:
             password = self.password
         auth = ""
-        if password is not None:
-            auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        if username is not None or password is not None:
+            auth = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@"
         return f"{scheme}://{auth}{self.host}:{self.port}/{db}"
 
     @property
@@ -733,10 +733,9 @@ class LocalRedis:
         self.close()
 
     async def __aenter__(self) -> Self:
-        import asyncio
-
-        # Starting polls with blocking sockets for up to startup_timeout; keep the loop free.
-        return await asyncio.to_thread(self.start)
+        # Deliberately blocking (typically ~20 ms): starting from a worker thread would
+        # lose the parent-death signal, which is tied to the thread that forks.
+        return self.start()
 
     async def __aexit__(
         self,
@@ -744,9 +743,7 @@ class LocalRedis:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.close)
+        self.close()
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self._port}" if self._port is not None else "not started"
@@ -932,7 +929,7 @@ class LocalRedis:
                 proc.wait()
                 self._state.proc = None
                 tail = self.log_tail()
-                if "in use" in tail:
+                if "Address already in use" in tail:
                     raise _PortInUseError(tail)
                 raise ServerStartError(
                     f"{self.binary.path} exited with code {proc.returncode} during startup"
@@ -1089,9 +1086,8 @@ class LocalCluster:
         self.close()
 
     async def __aenter__(self) -> Self:
-        import asyncio
-
-        return await asyncio.to_thread(self.start)
+        # Blocking, like LocalRedis.__aenter__, so the nodes get the parent-death signal.
+        return self.start()
 
     async def __aexit__(
         self,
@@ -1099,9 +1095,7 @@ class LocalCluster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.close)
+        self.close()
 
     def __repr__(self) -> str:
         ports = ",".join(str(n._port) for n in self.nodes)
