@@ -76,6 +76,8 @@ class AsyncPublisher:
         self._round: asyncio.Task[None] | None = None
         self._trim_tasks: set[asyncio.Task[None]] = set()
         self._since_trim: dict[str, int] = {}
+        # Streams with a trim running, and whether another was asked for meanwhile.
+        self._trimming: dict[str, bool] = {}
         self._published = 0
         self._failed = 0
         self._batches = 0
@@ -286,27 +288,43 @@ class AsyncPublisher:
             self._since_trim[stream] = n
             return
         self._since_trim[stream] = 0
+        if stream in self._trimming:
+            # One trim per stream at a time: two trims that measured the same
+            # excess would each delete it and cut the stream below the cap.
+            self._trimming[stream] = True
+            return
+        self._trimming[stream] = False
         # Trimming is housekeeping: it must not slow the publish that triggered it.
         task = asyncio.ensure_future(self._trim(stream))
         self._trim_tasks.add(task)
         task.add_done_callback(self._trim_tasks.discard)
 
     async def _trim(self, stream: str) -> None:
-        transport = self._get_transport()
+        # Not _get_transport(): aclose() waits for this trim after marking the
+        # publisher closed, and the publish that asked for it used this transport.
+        transport = self._transport
+        assert transport is not None
         opts = self.options
         try:
-            result = await self._retry.call(
-                f"safe trim {stream}",
-                functools.partial(
-                    safe_trim,
-                    transport,
-                    stream,
-                    opts.stream_max_length,
-                    approximate=opts.approximate_max_length,
-                ),
-            )
-        except StreamqError as exc:
-            self._errors.report(exc)
-            return
-        self._trims += 1
-        self._trimmed += result.deleted
+            while True:
+                try:
+                    result = await self._retry.call(
+                        f"safe trim {stream}",
+                        functools.partial(
+                            safe_trim,
+                            transport,
+                            stream,
+                            opts.stream_max_length,
+                            approximate=opts.approximate_max_length,
+                        ),
+                    )
+                except StreamqError as exc:
+                    self._errors.report(exc)
+                else:
+                    self._trims += 1
+                    self._trimmed += result.deleted
+                if not self._trimming.get(stream):
+                    return
+                self._trimming[stream] = False
+        finally:
+            self._trimming.pop(stream, None)
