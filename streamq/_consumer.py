@@ -512,9 +512,10 @@ class AsyncConsumer:
                 "stay pending and the consumer stops waiting for them",
                 len(stuck),
             )
-        self._state = ConsumerState.CLOSED
-        self._errors.close()
-        self._done.set()
+            # The task group still waits for them, but aclose() must not: release it
+            # now. Otherwise listen() sets _done once the connections are closed,
+            # so that aclose() returning means the consumer has fully stopped.
+            self._done.set()
 
     async def _create_groups(self, start_id: str, *, recreate: bool) -> None:
         transport = self._transport
@@ -756,6 +757,14 @@ class AsyncConsumer:
                 )
                 error.__cause__ = exc
                 return Result(retry=True, error=_Timeout(error))
+            return Result(retry=True, error=_Panic(exc))
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # Nobody cancelled this worker: the handler raised CancelledError itself
+            # (e.g. it awaited a future someone else cancelled). Letting it escape
+            # would end the worker silently and strand its message.
             return Result(retry=True, error=_Panic(exc))
         except Exception as exc:
             return Result(retry=True, error=_Panic(exc))
