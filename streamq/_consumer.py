@@ -233,7 +233,11 @@ class AsyncConsumer:
         self._retry = NetworkRetry(options.backoff, options.network_retry, self._report)
         self._concurrency = options.effective_concurrency
         self._capacity = options.buffer_size + self._concurrency
-        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=self._capacity)
+        # Unbounded on purpose: the reader and the claimer each size their request
+        # to the free capacity before awaiting Redis, so together they may overshoot
+        # it by one batch. `_held` bounds memory; a bounded queue would raise
+        # QueueFull in put_nowait and kill the consumer.
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._space = asyncio.Event()
         # (stream, id) of every held message: what the renewer renews and the
         # claimer must not take.
