@@ -128,8 +128,9 @@ class ConsumerStats:
 @dataclass(slots=True)
 class _Subscription:
     stream: str
-    call: CallNext
-    dead_letter: CallNext | None
+    # The handler itself, or the middleware chain ending in it; may return None.
+    call: HandlerFunc
+    dead_letter: HandlerFunc | None
     # Highest ID read from this stream, where a vanished group is recreated.
     last_id: str | None = None
 
@@ -311,10 +312,14 @@ class AsyncConsumer:
                 "one dead-letter handler at most)"
             )
         mw = self.options.middleware
-        call = _chain(_as_result(_adapt(handler, "handler")), mw)
+        # Without middleware the handler is called directly (one coroutine frame
+        # less per message); _call maps its None to success either way.
+        fn = _adapt(handler, "handler")
+        call = _chain(_as_result(fn), mw) if mw else fn
         dead = None
         if dead_letter is not None:
-            dead = _chain(_as_result(_adapt(dead_letter, "dead_letter")), mw)
+            dead_fn = _adapt(dead_letter, "dead_letter")
+            dead = _chain(_as_result(dead_fn), mw) if mw else dead_fn
         self._subs[stream] = _Subscription(stream=stream, call=call, dead_letter=dead)
 
     def errors(self) -> ErrorStream:
@@ -710,26 +715,32 @@ class AsyncConsumer:
     async def _worker(self, index: int) -> None:
         queue = self._queue
         busy = self._busy
-        while True:
-            msg = await queue.get()
-            if self._draining.is_set():
-                return
-            self._in_flight += 1
-            busy[index] = True
-            try:
-                await self._process(msg)
-            finally:
-                busy[index] = False
-                self._in_flight -= 1
-                if self._in_flight == 0 and self._draining.is_set():
-                    self._drained.set()
+        task = asyncio.current_task()
+        assert task is not None  # workers are tasks of the task group
+        deadline = _Deadline(task)
+        try:
+            while True:
+                msg = await queue.get()
+                if self._draining.is_set():
+                    return
+                self._in_flight += 1
+                busy[index] = True
+                try:
+                    await self._process(msg, deadline)
+                finally:
+                    busy[index] = False
+                    self._in_flight -= 1
+                    if self._in_flight == 0 and self._draining.is_set():
+                        self._drained.set()
+        finally:
+            deadline.close()
 
-    async def _process(self, msg: Message) -> None:
+    async def _process(self, msg: Message, deadline: _Deadline) -> None:
         sub = self._subs[msg.stream]
         max_retry = self.options.max_retry
         raw = self._raw_dead.pop((msg.stream, msg.id), None) if self._raw_dead else None
         if raw is not None:
-            await self._dead_letter(msg, sub, None, raw_fields=raw)
+            await self._dead_letter(msg, sub, None, deadline, raw_fields=raw)
             return
         if max_retry >= 0 and msg._deliveries > max_retry + 1:
             err = HandlerError(
@@ -737,41 +748,64 @@ class AsyncConsumer:
                 "without being acknowledged (its consumer crashed or was killed?)",
                 message=msg,
             )
-            await self._dead_letter(msg, sub, err)
+            await self._dead_letter(msg, sub, err, deadline)
             return
-        result = await self._call(sub.call, msg)
+        result = await self._call(sub.call, msg, deadline)
         self._counts["handled"] += 1
         self._settle(msg, sub, result)
         if result.retry and max_retry >= 0 and msg.retry_count >= max_retry:
-            await self._dead_letter(msg, sub, result.error)
+            await self._dead_letter(msg, sub, result.error, deadline)
 
-    async def _call(self, call: CallNext, msg: Message) -> Result:
-        """Run a handler under the timeout and map its outcome to a Result."""
+    async def _call(self, call: HandlerFunc, msg: Message, deadline: _Deadline) -> Result:
+        """Run a handler under ``handler_timeout`` and map its outcome to a Result.
+
+        The timeout works like ``asyncio.timeout`` (cancel the task, then tell its
+        own cancellation apart from anyone else's with ``Task.cancelling()`` and
+        ``uncancel()``), but through the worker's :class:`_Deadline`, which arms
+        one timer per ``handler_timeout`` instead of one per message.
+        """
         timeout = self.options.handler_timeout
-        cm = None
+        if timeout:
+            deadline.arm(timeout)
+        result: Any  # checked below: a handler may return anything
         try:
-            if timeout:
-                async with asyncio.timeout(timeout) as cm:
-                    return await call(msg)
-            return await call(msg)
-        except TimeoutError as exc:
-            if cm is not None and cm.expired():
-                error: BaseException = TimeoutError(
-                    f"handler took longer than handler_timeout={timeout} s"
-                )
-                error.__cause__ = exc
-                return Result(retry=True, error=_Timeout(error))
-            return Result(retry=True, error=_Panic(exc))
+            result = await call(msg)
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            task = deadline.task
+            if deadline.expired:
+                deadline.expired = False
+                if task.uncancel() == 0:
+                    # Our deadline was the only cancellation request: a timeout.
+                    error: BaseException = TimeoutError(
+                        f"handler took longer than handler_timeout={timeout} s"
+                    )
+                    error.__cause__ = exc
+                    return Result(retry=True, error=_Timeout(error))
+                raise
+            if task.cancelling():
                 raise
             # Nobody cancelled this worker: the handler raised CancelledError itself
             # (e.g. it awaited a future someone else cancelled). Letting it escape
             # would end the worker silently and strand its message.
             return Result(retry=True, error=_Panic(exc))
         except Exception as exc:
-            return Result(retry=True, error=_Panic(exc))
+            # Includes a TimeoutError of the handler's own: not handler_timeout firing.
+            result = Result(retry=True, error=_Panic(exc))
+        finally:
+            deadline.due = 0.0
+        if deadline.expired:
+            # The handler swallowed the cancellation and returned (or raised something
+            # else): like asyncio.timeout, drop our cancellation request, keep the outcome.
+            deadline.expired = False
+            deadline.task.uncancel()
+        if result is None:
+            return _SUCCESS
+        if isinstance(result, Result):
+            return result
+        wrong = TypeError(
+            f"handler returned {type(result).__name__}; expected a streamq.Result or None"
+        )
+        return Result(retry=True, error=_Panic(wrong))
 
     def _settle(self, msg: Message, sub: _Subscription, result: Result) -> None:
         """Ack, schedule a retry, or leave for dead-lettering, and report."""
@@ -826,6 +860,7 @@ class AsyncConsumer:
         msg: Message,
         sub: _Subscription,
         error: BaseException | None,
+        deadline: _Deadline,
         *,
         raw_fields: list[Any] | None = None,
     ) -> None:
@@ -841,7 +876,7 @@ class AsyncConsumer:
                     error=error,
                 )
             )
-            result = await self._call(sub.dead_letter, msg)
+            result = await self._call(sub.dead_letter, msg, deadline)
             if result.ok:
                 self._counts["dead_lettered"] += 1
                 self._ack(msg)
@@ -970,7 +1005,12 @@ class AsyncConsumer:
                 msg._deliveries += 1
                 self._queue.put_nowait(msg)
             return
-        for raw_id, fields in reply or ():
+        for entry in reply or ():
+            if entry is None:
+                # Redis 6.2's answer for a deleted entry (7.0+ omits it): its ID
+                # stays in by_id and is reported below.
+                continue
+            raw_id, fields = entry
             entry_id = raw_id.decode()
             old = by_id.pop(entry_id, None)
             if old is None:
@@ -1068,7 +1108,10 @@ class AsyncConsumer:
                     *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *wanted),
                 )
                 claimed = set()
-                for raw_id, fields in reply or ():
+                for entry in reply or ():
+                    if entry is None:
+                        continue  # deleted (6.2 answers nil, 7.0+ omits it): _gone() below
+                    raw_id, fields = entry
                     entry_id = raw_id.decode()
                     claimed.add(entry_id)
                     if fields is None:
@@ -1083,6 +1126,56 @@ class AsyncConsumer:
                         await self._gone(stream, entry_id)
             if len(rows) < _CLAIM_BATCH:
                 return
+
+
+class _Deadline:
+    """The ``handler_timeout`` of one worker: a lazily armed timer shared by its messages.
+
+    ``asyncio.timeout`` per message costs about 3 us here (a Timeout object, two
+    coroutine frames, a TimerHandle pushed onto and cancelled from the loop's heap
+    with Python-level comparisons): a third of the whole per-message budget. A
+    worker instead records when its current handler is due (``due``, 0 when idle)
+    and keeps at most one timer. When the timer fires it either finds that handler
+    overdue and cancels the task (``expired`` tells :meth:`AsyncConsumer._call`
+    the cancellation is ours), or re-arms itself for the handler running now; so
+    a busy worker arms about one timer per ``handler_timeout``, not per message,
+    and a deadline still fires when it is due.
+    """
+
+    __slots__ = ("_loop", "due", "expired", "task", "timer")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.task = task
+        self.due = 0.0
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def arm(self, timeout: float) -> None:
+        """A handler starts now and must finish within ``timeout`` seconds."""
+        self.due = due = self._loop.time() + timeout
+        if self.timer is None:
+            self.timer = self._loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        due = self.due
+        if not due:
+            return  # idle: the next handler arms a new timer
+        loop = self._loop
+        # The loop runs timers up to one clock resolution early.
+        if due - loop.time() > loop._clock_resolution:  # type: ignore[attr-defined]
+            self.timer = loop.call_at(due, self._fire)  # a later handler is running
+            return
+        self.due = 0.0
+        self.expired = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        """Drop the timer (the worker is ending)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class _Panic(Exception):
