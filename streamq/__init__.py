@@ -5,6 +5,7 @@ kept in a dead-letter stream, whatever happens to consumers, Redis or the networ
 """
 
 from ._backoff import Backoff as Backoff
+from ._codec import JsonCodec as JsonCodec
 from ._consumer import AsyncConsumer as AsyncConsumer
 from ._consumer import ConsumerState as ConsumerState
 from ._consumer import ConsumerStats as ConsumerStats
@@ -58,6 +59,7 @@ __all__ = [
     "HandlerFunc",
     "HandlerMiddleware",
     "HandlerPanic",
+    "JsonCodec",
     "MalformedMessageError",
     "Message",
     "MessageLostError",
