@@ -32,6 +32,7 @@ from ._middleware import PublishMiddleware as PublishMiddleware
 from ._options import ConsumerOptions as ConsumerOptions
 from ._options import PublisherOptions as PublisherOptions
 from ._options import RedisLike as RedisLike
+from ._partition import PartitionedStream as PartitionedStream
 from ._publisher import AsyncPublisher as AsyncPublisher
 from ._publisher import PublisherStats as PublisherStats
 from ._result import Result as Result
@@ -64,6 +65,7 @@ __all__ = [
     "Message",
     "MessageLostError",
     "NetworkError",
+    "PartitionedStream",
     "PublishMiddleware",
     "PublisherOptions",
     "PublisherStats",

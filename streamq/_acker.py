@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable
 
 from ._errors import StreamqError, convert, is_nogroup
@@ -78,9 +77,7 @@ class Acker:
                 for i in range(0, len(ids), _CHUNK)
             ]
             try:
-                replies = await self._retry.call(
-                    "XACK", functools.partial(self._transport.pipeline, commands)
-                )
+                replies = await self._transport.pipeline_retrying("XACK", commands, self._retry)
             except BaseException:
                 # Put the batch back so that a final flush (or the error path) can
                 # still see what was not confirmed.

@@ -52,6 +52,8 @@ from ._errorstream import ErrorStream
 from ._message import FieldValue, Message, validate_stream_name
 from ._middleware import CallNext
 from ._options import ConsumerOptions
+from ._ordering import KeyLanes
+from ._partition import KEY_FIELD, PartitionedStream
 from ._result import Result, success
 from ._retry import NetworkRetry
 from ._transport import Transport, open_transport
@@ -240,6 +242,11 @@ class AsyncConsumer:
         # QueueFull in put_nowait and kill the consumer.
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._space = asyncio.Event()
+        # Capacity promised to reads (and claims) in flight: their entries are not
+        # held yet, but will be. Readers and the claimer size requests to what is
+        # neither held nor reserved, so together they never exceed the capacity.
+        self._reserved = 0
+        self._lanes = KeyLanes()
         # (stream, id) of every held message: what the renewer renews and the
         # claimer must not take.
         self._held: dict[tuple[str, str], Message] = {}
@@ -284,25 +291,47 @@ class AsyncConsumer:
 
     def subscribe(
         self,
-        stream: str,
+        stream: str | PartitionedStream,
         handler: HandlerFunc | Handler,
         dead_letter: HandlerFunc | Handler | None = None,
+        *,
+        ordered_by_key: bool = False,
     ) -> None:
         """Handle messages of ``stream`` with ``handler``.
 
         Args:
-            stream: The stream's key.
+            stream: The stream's key, or a :class:`~streamq.PartitionedStream`
+                (every partition is subscribed, with the same handlers).
             handler: ``async def handler(msg) -> Result | None`` or an object with
                 such a ``handle_event`` method.
             dead_letter: Called instead of ``handler`` for messages that exhausted
                 ``max_retry``. Without it they are appended to the dead-letter
                 stream (``options.dead_letter_stream``) and acked.
+            ordered_by_key: Handle messages that carry the same key (the
+                partitioned stream's ``key_field``, ``"streamq-key"`` for a plain
+                stream) one at a time, in stream order, including across retries:
+                a failing message holds back the later messages of its key until it
+                succeeds, is discarded or is dead-lettered. Different keys still
+                run up to ``concurrency`` at once; messages without a key are not
+                ordered. Order is kept within this consumer; see the README for
+                several consumers in a group.
 
         Raises:
             TypeError: A handler is not a coroutine function (or object with one).
             ValueError: ``stream`` is already subscribed or empty.
             ClosedError: The consumer already started or closed.
         """
+        if isinstance(stream, PartitionedStream):
+            taken = [key for key in stream.keys if key in self._subs]
+            if taken:
+                raise ValueError(
+                    f"stream: {stream!r}: partition {taken[0]!r} is already subscribed"
+                )
+            for key in stream.keys:
+                self.subscribe(key, handler, dead_letter)
+                if ordered_by_key:
+                    self._lanes.fields[key] = stream.key_field
+            return
         if self._state is not ConsumerState.NEW:
             raise ClosedError(f"subscribe({stream!r}): the consumer is already {self._state.value}")
         validate_stream_name(stream, "stream")
@@ -321,6 +350,8 @@ class AsyncConsumer:
             dead_fn = _adapt(dead_letter, "dead_letter")
             dead = _chain(_as_result(dead_fn), mw) if mw else dead_fn
         self._subs[stream] = _Subscription(stream=stream, call=call, dead_letter=dead)
+        if ordered_by_key:
+            self._lanes.fields[stream] = KEY_FIELD
 
     def errors(self) -> ErrorStream:
         """The non-fatal errors, as an async iterator that ends when the consumer closes.
@@ -526,11 +557,14 @@ class AsyncConsumer:
             # so that aclose() returning means the consumer has fully stopped.
             self._done.set()
 
-    async def _create_groups(self, start_id: str, *, recreate: bool) -> None:
+    async def _create_groups(
+        self, start_id: str, *, recreate: bool, streams: Iterable[str] | None = None
+    ) -> None:
         transport = self._transport
         assert transport is not None  # set by _run before any task starts
         group = self.options.group
-        for sub in self._subs.values():
+        subs = self._subs.values() if streams is None else [self._subs[s] for s in streams]
+        for sub in subs:
             position = start_id
             if recreate:
                 # Resume after the last entry this consumer saw; on a stream that was
@@ -563,12 +597,12 @@ class AsyncConsumer:
     # -- reading -------------------------------------------------------------
 
     def _free(self) -> int:
-        return self._capacity - len(self._held)
+        return self._capacity - len(self._held) - self._reserved
 
-    async def _wait_for_space(self) -> int:
+    async def _wait_for_space(self, minimum: int = 1) -> int:
         while True:
             free = self._free()
-            if free > 0:
+            if free >= minimum:
                 return free
             self._space.clear()
             await self._space.wait()
@@ -577,12 +611,18 @@ class AsyncConsumer:
         """Forget a message this consumer held (acked, dead-lettered or abandoned)."""
         if self._held.pop((msg.stream, msg.id), None) is not None:
             self._space.set()
+            if self._lanes.fields:
+                after = self._lanes.done(msg)
+                if after is not None:
+                    self._queue.put_nowait(after)
 
     def _admit(self, msg: Message) -> None:
         key = (msg.stream, msg.id)
         if key in self._held:
             return
         self._held[key] = msg
+        if self._lanes.fields and not self._lanes.admit(msg):
+            return  # parked behind an earlier message of its key
         self._queue.put_nowait(msg)
 
     def _make(self, stream: str, raw_id: Any, fields: Any, deliveries: int) -> Message | None:
@@ -617,30 +657,94 @@ class AsyncConsumer:
         # Claiming and renewing start only now, so that they never race the
         # recovery of this consumer's own pending entries.
         self._started.set()
-        streams = list(self._subs)
+        groups = self._read_groups()
+        if len(groups) == 1:
+            await self._read_group(groups[0], 1)
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, streams in enumerate(groups):
+                    tg.create_task(
+                        self._read_group(streams, len(groups)), name=f"streamq-reader-{i}"
+                    )
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+    def _read_groups(self) -> list[list[str]]:
+        """The streams of each reader: one slot's worth (all, on a single server).
+
+        At most ``capacity`` streams per reader, so that one entry of each fits.
+        """
+        assert self._transport is not None
+        size = self._capacity
+        return [
+            streams[i : i + size]
+            for streams in self._transport.slot_groups(self._subs)
+            for i in range(0, len(streams), size)
+        ]
+
+    async def _read_group(self, streams: list[str], readers: int) -> None:
+        """Read new entries of ``streams`` into the buffer until cancelled.
+
+        ``COUNT`` applies per stream, so a read of ``m`` streams reserves ``m *
+        count``. A blocking read may keep its reservation for ``read_timeout``, so it
+        asks for a share of the capacity that leaves room for the other readers and
+        the claimer; after a read that came back full, the next one asks for more
+        and does not block (entries are waiting).
+        """
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        m = len(streams)
+        block_share = max(m, -(-self._capacity // (readers + 1)))
+        drain_share = max(m, -(-self._capacity // readers))
         prefix = ["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT"]
         block_ms = round(opts.read_timeout * 1000)
-        suffix = ["BLOCK", block_ms, "STREAMS", *streams, *([">"] * len(streams))]
+        suffix = ["BLOCK", block_ms, "STREAMS", *streams, *([">"] * m)]
+        now = ["STREAMS", *streams, *([">"] * m)]
         subs = self._subs
         counts = self._counts
         nogroup_streak = 0
+        more = False
         while True:
-            free = await self._wait_for_space()
-            args = [*prefix, free, *suffix]
+            free = await self._wait_for_space(m)
+            count = max(1, min(free, drain_share if more else block_share) // m)
+            reserved = count * m
+            self._reserved += reserved
             try:
-                reply = await self._retry.call(
-                    "XREADGROUP", transport.blocking, args, opts.read_timeout
-                )
+                if more:
+                    reply = await self._retry.call(
+                        "XREADGROUP", transport.execute, *prefix, count, *now
+                    )
+                else:
+                    args = [*prefix, count, *suffix]
+                    reply = await self._retry.call(
+                        "XREADGROUP", transport.blocking, args, opts.read_timeout
+                    )
             except StreamqError as exc:
+                self._reserved -= reserved
+                self._space.set()
                 if exc.error is not None and is_nogroup(exc.error):
                     await asyncio.sleep(opts.backoff.for_attempt(nogroup_streak))
                     nogroup_streak += 1
-                    await self._create_groups(opts.start_id, recreate=True)
+                    await self._create_groups(opts.start_id, recreate=True, streams=streams)
+                    more = False
                     continue
                 raise
+            except BaseException:
+                self._reserved -= reserved
+                raise
+            # No await from here to the end of the admissions: the reservation turns
+            # into held entries without anyone else seeing the capacity in between.
+            self._reserved -= reserved
             nogroup_streak = 0
+            more = False
             if not reply:
+                self._space.set()
+                # Let readers waiting for space reserve before this one blocks again.
+                await asyncio.sleep(0)
                 continue
+            got = 0
             for raw_stream, entries in reply:
                 stream = raw_stream.decode()
                 sub = subs[stream]
@@ -652,15 +756,24 @@ class AsyncConsumer:
                 if entries:
                     last = entries[-1][0]
                     sub.last_id = last.decode() if isinstance(last, bytes) else str(last)
+                    got += len(entries)
+                    more = more or len(entries) >= count
+            if got < reserved:
+                self._space.set()
 
     async def _recover_own_pending(self) -> None:
         """Re-deliver what this consumer read but never acked (e.g. before a crash)."""
+        for streams in self._read_groups():
+            await self._recover_group(streams)
+
+    async def _recover_group(self, group: list[str]) -> None:
         transport = self._transport
         assert transport is not None
         opts = self.options
-        cursors = dict.fromkeys(self._subs, "0")
+        cursors = dict.fromkeys(group, "0")
         while cursors:
-            free = await self._wait_for_space()
+            # COUNT applies per stream. Nothing else reads or claims yet.
+            free = await self._wait_for_space(len(cursors)) // len(cursors)
             streams = list(cursors)
             args = [
                 "XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT", free,
@@ -1061,7 +1174,7 @@ class AsyncConsumer:
                 for i in range(0, len(ids), _RENEW_CHUNK)
             ]
             if commands:
-                await self._retry.call("XCLAIM JUSTID", transport.pipeline, commands)
+                await transport.pipeline_retrying("XCLAIM JUSTID", commands, self._retry)
 
     async def _claim_loop(self) -> None:
         opts = self.options
@@ -1102,11 +1215,17 @@ class AsyncConsumer:
             start = "(" + rows[-1][0].decode()
             wanted = list(counts)[:free]
             if wanted:
-                reply = await self._retry.call(
-                    f"XCLAIM {stream}",
-                    transport.execute,
-                    *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *wanted),
-                )
+                # Reserved while the claim is in flight; turned into held entries
+                # below without an await in between.
+                self._reserved += len(wanted)
+                try:
+                    reply = await self._retry.call(
+                        f"XCLAIM {stream}",
+                        transport.execute,
+                        *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *wanted),
+                    )
+                finally:
+                    self._reserved -= len(wanted)
                 claimed = set()
                 for entry in reply or ():
                     if entry is None:

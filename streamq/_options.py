@@ -21,6 +21,9 @@ __all__ = ["ConsumerOptions", "PublisherOptions", "RedisLike"]
 RedisLike: TypeAlias = "aioredis.Redis | RedisCluster | str"
 """A ``redis.asyncio.Redis``, a ``redis.asyncio.cluster.RedisCluster``, or a URL.
 
+A ``redis+cluster://host:port`` (or ``rediss+cluster://``) URL names a Redis
+Cluster through one of its nodes.
+
 A client passed in is borrowed and never closed by streamq; a URL makes streamq
 build (and close) its own client.
 """
@@ -55,9 +58,11 @@ def _check_redis(value: object) -> None:
     if isinstance(value, aioredis.Redis | RedisCluster):
         return
     if isinstance(value, str):
-        if not value.startswith(("redis://", "rediss://", "unix://")):
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if not value.startswith(schemes):
             raise ValueError(
-                f"redis: {value!r} is not a Redis URL (redis://, rediss:// or unix://)"
+                f"redis: {value!r} is not a Redis URL (redis://, rediss://, unix://, "
+                "or redis+cluster:// / rediss+cluster:// for a Redis Cluster)"
             )
         return
     kind = f"{type(value).__module__}.{type(value).__qualname__}"

@@ -226,7 +226,9 @@ class AsyncPublisher:
     async def _send_batch(self, batch: list[list[Any]]) -> list[Any]:
         """Send XADDs in one pipeline; returns IDs (str) or per-entry exceptions."""
         transport = self._get_transport()
-        replies = await self._retry.call(f"XADD x{len(batch)}", transport.pipeline, batch)
+        # On a cluster each master's part is retried alone: entries a healthy
+        # master stored are not sent again while another one fails over.
+        replies = await transport.pipeline_retrying(f"XADD x{len(batch)}", batch, self._retry)
         if len(batch) > 1:
             self._batches += 1
         out: list[Any] = []

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -32,6 +32,9 @@ from redis.backoff import NoBackoff
 from redis.client import CaseInsensitiveDict
 
 from ._errors import UnsupportedServerError
+
+if TYPE_CHECKING:
+    from ._retry import NetworkRetry
 
 __all__ = ["ServerInfo", "Transport", "open_transport"]
 
@@ -134,6 +137,16 @@ class Transport:
             pipe.execute_command(*cmd)
         return await pipe.execute(raise_on_error=False)
 
+    async def pipeline_retrying(
+        self, what: str, commands: Sequence[Command], retry: NetworkRetry
+    ) -> list[Any]:
+        """:meth:`pipeline` under ``retry`` (a cluster retries each master's part alone)."""
+        return await retry.call(what, self.pipeline, commands)
+
+    def slot_groups(self, streams: Iterable[str]) -> list[list[str]]:
+        """Streams that one multi-key command may name together: all of them here."""
+        return [list(streams)]
+
     async def blocking(self, args: Command, block: float) -> Any:
         """Run a blocking command (``XREADGROUP ... BLOCK``) on a dedicated connection.
 
@@ -201,13 +214,20 @@ class Transport:
 def open_transport(redis: aioredis.Redis | RedisCluster | str, command_timeout: float) -> Transport:
     """Build the transport for a client or URL (see :data:`~streamq.RedisLike`).
 
-    Raises:
-        UnsupportedServerError: ``redis`` is a cluster client (not supported yet).
+    A ``RedisCluster`` (or a ``redis+cluster://``/``rediss+cluster://`` URL) gets a
+    :class:`~streamq._cluster.ClusterTransport`.
     """
+    from ._cluster import ClusterTransport, cluster_url
+
     if isinstance(redis, str):
+        url = cluster_url(redis)
+        if url is not None:
+            return ClusterTransport(
+                RedisCluster.from_url(url), owned=True, command_timeout=command_timeout
+            )
         return Transport(
             aioredis.Redis.from_url(redis), owned=True, command_timeout=command_timeout
         )
     if isinstance(redis, RedisCluster):
-        raise UnsupportedServerError("Redis Cluster clients are not supported by this transport")
+        return ClusterTransport(redis, owned=False, command_timeout=command_timeout)
     return Transport(redis, owned=False, command_timeout=command_timeout)
