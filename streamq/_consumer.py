@@ -1183,18 +1183,31 @@ class AsyncConsumer:
             for stream in list(self._subs):
                 try:
                     await self._claim(stream)
+                    await self._claim(stream, orphans=True)
                 except StreamqError as exc:
                     # The reader recreates a vanished group; claiming waits for it.
                     if exc.error is None or not is_nogroup(exc.error):
                         raise
             await asyncio.sleep(opts.claim_interval)
 
-    async def _claim(self, stream: str) -> None:
-        """Take over entries of ``stream`` idle longer than pending_timeout."""
+    async def _claim(self, stream: str, *, orphans: bool = False) -> None:
+        """Take over entries of ``stream`` idle longer than pending_timeout.
+
+        With ``orphans``, take back this consumer's own pending entries that it does
+        not hold: Redis delivered them, but the reply was lost with a broken or
+        stalled connection, so nothing would handle them before pending_timeout.
+        A delivered reply reaches us within command_timeout or its connection is
+        dropped, so an unheld own entry idle longer than that is an orphan.
+        """
         transport = self._transport
         assert transport is not None
         opts = self.options
         idle_ms = round(opts.pending_timeout * 1000)
+        only: tuple[str, ...] = ()
+        if orphans:
+            if opts.command_timeout >= opts.pending_timeout:
+                return  # the ordinary claim is as quick
+            idle_ms, only = round(opts.command_timeout * 1000), (opts.consumer,)
         start = "-"
         while True:
             free = self._free()
@@ -1203,9 +1216,13 @@ class AsyncConsumer:
             rows = await self._retry.call(
                 f"XPENDING {stream}",
                 transport.execute,
-                *("XPENDING", stream, opts.group, "IDLE", idle_ms, start, "+", _CLAIM_BATCH),
+                *("XPENDING", stream, opts.group, "IDLE", idle_ms, start, "+", _CLAIM_BATCH, *only),
             )
             if not rows:
+                return
+            if only and self._acker is not None and self._acker.pending:
+                # Finished messages are released before Redis confirms their ack:
+                # while acks are unconfirmed, an unheld entry may be one of them.
                 return
             counts: dict[str, int] = {}
             for row in rows:

@@ -227,3 +227,16 @@ def env_seconds(name: str, default: float) -> float:
     """A duration from the environment (soak runs), else ``default``."""
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def consumer_seen(server: LocalRedis, stream: str, name: str = "c1", group: str = "g"):  # type: ignore[no-untyped-def]
+    """A predicate for :func:`wait_until`: ``name`` has read from ``stream`` (XINFO CONSUMERS)."""
+
+    async def check() -> bool:
+        try:
+            rows = server.execute("XINFO", "CONSUMERS", stream, group)
+        except Exception:
+            return False
+        return any(name in row for row in rows or [])  # type: ignore[operator,union-attr]
+
+    return check
