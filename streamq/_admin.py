@@ -27,6 +27,7 @@ __all__ = [
     "ReplayResult",
     "StreamInfo",
     "TrimPlan",
+    "count_after",
     "dead_letters",
     "pending",
     "replay",
@@ -151,8 +152,13 @@ class StreamInfo:
     server: str
 
 
-async def _count_after(transport: Transport, stream: str, after: str) -> int | None:
-    """Entries with an ID above ``after``, counted in pages (``None`` past the limit)."""
+async def count_after(
+    transport: Transport, stream: str, after: str, *, limit: int = _LAG_COUNT_LIMIT
+) -> int | None:
+    """Entries with an ID above ``after``, counted in pages (``None`` past ``limit``).
+
+    The lag of a group on servers whose ``XINFO GROUPS`` has none (Redis < 7.0).
+    """
     count = 0
     start = "(" + after if after != "0-0" else "-"
     while True:
@@ -162,7 +168,7 @@ async def _count_after(transport: Transport, stream: str, after: str) -> int | N
         if not page:
             return count
         count += len(page)
-        if count > _LAG_COUNT_LIMIT:
+        if count > limit:
             return None
         start = "(" + _text(page[-1][0])
 
@@ -190,7 +196,7 @@ async def stream_info(
         lag = _int(g.get("lag"))
         if lag is None:
             # Redis < 7.0 has no lag field; 7.x leaves it empty after deletions.
-            lag = await _count_after(transport, stream, last_delivered)
+            lag = await count_after(transport, stream, last_delivered)
         oldest_id = oldest_idle = oldest_deliveries = None
         if _int(g.get("pending"), 0):
             rows = await _run(

@@ -17,6 +17,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .._admin import count_after
 from .._consumer import AsyncConsumer
 from .._errors import StreamqError, convert
 from .._message import FieldValue, Message
@@ -30,6 +31,9 @@ from .._version import __version__
 __all__ = ["Telemetry", "context_of"]
 
 logger = logging.getLogger("streamq")
+
+# Counting a lag entry by entry (servers without XINFO's lag) gives up past this.
+_LAG_COUNT_LIMIT = 10_000
 
 # Span and metric attribute names: OpenTelemetry's messaging conventions where
 # they exist, ``streamq.*`` for what is specific to streamq.
@@ -395,12 +399,21 @@ class Telemetry:
             name = fields.get("name")
             if (name.decode() if isinstance(name, bytes) else name) != group:
                 continue
-            lag = fields.get("lag")
+            raw_lag = fields.get("lag")
+            lag = None if raw_lag is None else int(raw_lag)
             if lag is None:
-                # Redis < 7.0 reports no lag; 7.x leaves it empty after deletions.
+                # Redis < 7.0 reports no lag, 7.x none after deletions: count
+                # what follows the last delivered entry, up to a limit.
+                last = fields.get("last-delivered-id", b"0-0")
+                last_id = last.decode() if isinstance(last, bytes) else str(last)
+                try:
+                    lag = await count_after(transport, stream, last_id, limit=_LAG_COUNT_LIMIT)
+                except StreamqError:
+                    lag = None
+            if lag is None:
                 self._lag.pop((stream, group), None)
             else:
-                self._lag[(stream, group)] = int(lag)
+                self._lag[(stream, group)] = lag
 
 
 def context_of(msg: Message, propagator: TextMapPropagator | None = None) -> Context:
