@@ -551,6 +551,8 @@ class AsyncConsumer:
                 "streamq: %d handler(s) ignored cancellation at shutdown; their messages "
                 "stay pending and the consumer stops waiting for them",
                 len(stuck),
+                # Every streamq record carries these, so log filters can rely on them.
+                extra={"stream": None, "message_id": None, "error_type": None},
             )
             # The task group still waits for them, but aclose() must not: release it
             # now. Otherwise listen() sets _done once the connections are closed,

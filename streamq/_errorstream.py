@@ -104,9 +104,11 @@ def _log(error: StreamqError) -> None:
         level = logging.INFO
     if not logger.isEnabledFor(level):
         return
+    # Every record carries stream and message_id (None when not about one message),
+    # so that log filters and JSON formatters can rely on them.
     extra = {
-        "stream": msg.stream if msg is not None else None,
-        "message_id": msg.id if msg is not None else None,
+        "stream": msg.stream if msg is not None else getattr(error, "stream", None),
+        "message_id": msg.id if msg is not None else getattr(error, "entry_id", None),
         "error_type": type(error).__name__,
     }
     logger.log(level, "%s", error, extra=extra)
