@@ -29,19 +29,20 @@ layer and raw replies, exactly as on a single server. So:
   healthy master already stored because another master was failing over.
 * **Blocking reads** get a dedicated connection per slot (each reader of a
   consumer reads one slot), with the same deadline rule as on a single server.
+  Connections are opened lazily: a consumer holds, per master, its pooled
+  connections plus one per slot it reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
 
 from ._errors import is_network_error
@@ -142,7 +143,9 @@ class ClusterTransport(Transport):
         self._stale = True
         self._refresh_lock = asyncio.Lock()
         self._slot_cache: dict[Any, int] = {}
-        self._blocking_conns: dict[int, tuple[Transport, AbstractConnection]] = {}
+        # Per slot: the master it was read from, and the Transport holding the
+        # dedicated connection of that slot's blocking reads.
+        self._readers: dict[int, tuple[tuple[str, int], Transport]] = {}
         self._server: ServerInfo | None = None
         self._closed = False
 
@@ -157,24 +160,24 @@ class ClusterTransport(Transport):
     def server(self, value: ServerInfo | None) -> None:
         self._server = value
 
+    def _make_transport(self, address: tuple[str, int]) -> Transport:
+        host, port = address
+        pool = ConnectionPool(
+            connection_class=self._connection_class,
+            host=host,
+            port=port,
+            **self._connection_kwargs,
+        )
+        # Transport copies these settings into connections of its own (retries
+        # off, RESP2, raw replies); this client never connects by itself.
+        return Transport(
+            aioredis.Redis(connection_pool=pool), owned=True, command_timeout=self.command_timeout
+        )
+
     def _node(self, address: tuple[str, int]) -> Transport:
         node = self._nodes.get(address)
         if node is None:
-            host, port = address
-            pool = ConnectionPool(
-                connection_class=self._connection_class,
-                host=host,
-                port=port,
-                **self._connection_kwargs,
-            )
-            # Transport copies these settings into a pool of its own (retries off,
-            # RESP2, raw replies); this client never connects by itself.
-            node = Transport(
-                aioredis.Redis(connection_pool=pool),
-                owned=True,
-                command_timeout=self.command_timeout,
-            )
-            self._nodes[address] = node
+            node = self._nodes[address] = self._make_transport(address)
         return node
 
     def _address(self, host: str, port: int) -> tuple[str, int]:
@@ -424,39 +427,36 @@ class ClusterTransport(Transport):
     async def blocking(self, args: Command, block: float) -> Any:
         """Run a blocking command on a dedicated connection to the master of its slot.
 
-        Same contract as :meth:`Transport.blocking`; one connection per slot, moved
-        to the new master when the slot moves.
+        Same contract as :meth:`Transport.blocking`. Each slot has its own
+        connection (a standalone ``Transport`` of its own, which holds only that
+        one), moved to the new master when the slot moves.
         """
         slot = self._slot_of(args)
         if slot is None:
             raise ValueError(f"{args[0]}: a blocking command needs a key")
         for _ in range(_REDIRECTS):
-            node = await self._node_for_slot(slot)
-            held = self._blocking_conns.get(slot)
-            if held is not None and held[0] is not node:
-                await held[1].disconnect(nowait=True)
-                held = None
-            if held is None:
-                held = (node, node.pool.make_connection())  # type: ignore[no-untyped-call]
-                self._blocking_conns[slot] = held
-            conn = held[1]
-            deadline = None if block == 0 else block + self.command_timeout
+            if self._stale:
+                await self._refresh()
+            address = self._slots[slot]
+            if address is None:
+                self._stale = True
+                raise rex.ClusterDownError(f"slot {slot} is not served by any master")
+            reader = self._readers.get(slot)
+            if reader is not None and reader[0] != address:
+                await reader[1].aclose()
+                reader = None
+            if reader is None:
+                reader = self._readers[slot] = (address, self._make_transport(address))
             try:
-                await conn.send_command(*args)
-                # As on a single server: asyncio.timeout cancels (and so disconnects)
-                # a read that outlives the command's own block time.
-                async with asyncio.timeout(deadline):
-                    return await conn.read_response(timeout=math.inf)
+                return await reader[1].blocking(args, block)
             except rex.AskError as exc:
-                # A complete reply: the connection is fine, just on the wrong node.
                 if isinstance(exc, rex.MovedError):
-                    self._slots[slot] = self._moved(exc, self._address_of(node))
+                    self._slots[slot] = self._moved(exc, address)
                     self._stale = True
                     continue
                 # The slot is being migrated; reading must wait until it is done.
                 raise rex.TryAgainError(f"{args[0]}: slot {slot} is migrating") from exc
-            except BaseException as exc:
-                await conn.disconnect(nowait=True)
+            except Exception as exc:
                 self._failed(exc)
                 raise
         self._stale = True
@@ -481,9 +481,9 @@ class ClusterTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        for _, conn in self._blocking_conns.values():
-            await conn.disconnect(nowait=True)
-        self._blocking_conns.clear()
+        readers, self._readers = self._readers, {}
+        for _, reader in readers.values():
+            await reader.aclose()
         for node in self._nodes.values():
             await node.aclose()
         if self._owned:

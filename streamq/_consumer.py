@@ -87,6 +87,8 @@ DEAD_FIELDS = (
 )
 
 _CLAIM_BATCH = 100
+# What a reader's streams gave last time (see AsyncConsumer._read_group).
+_IDLE, _ACTIVE, _DRAIN = "idle", "active", "drain"
 _RENEW_CHUNK = 500
 _SUCCESS = success()
 
@@ -660,14 +662,15 @@ class AsyncConsumer:
         # recovery of this consumer's own pending entries.
         self._started.set()
         groups = self._read_groups()
+        total = sum(map(len, groups))
         if len(groups) == 1:
-            await self._read_group(groups[0], 1)
+            await self._read_group(groups[0], 1, total)
             return
         try:
             async with asyncio.TaskGroup() as tg:
                 for i, streams in enumerate(groups):
                     tg.create_task(
-                        self._read_group(streams, len(groups)), name=f"streamq-reader-{i}"
+                        self._read_group(streams, len(groups), total), name=f"streamq-reader-{i}"
                     )
         except ExceptionGroup as group:
             raise group.exceptions[0] from None
@@ -685,43 +688,55 @@ class AsyncConsumer:
             for i in range(0, len(streams), size)
         ]
 
-    async def _read_group(self, streams: list[str], readers: int) -> None:
+    async def _read_group(self, streams: list[str], readers: int, total: int) -> None:
         """Read new entries of ``streams`` into the buffer until cancelled.
 
-        ``COUNT`` applies per stream, so a read of ``m`` streams reserves ``m *
-        count``. A blocking read may keep its reservation for ``read_timeout``, so it
-        asks for a share of the capacity that leaves room for the other readers and
-        the claimer; after a read that came back full, the next one asks for more
-        and does not block (entries are waiting).
+        Each read reserves the capacity it asks for (``COUNT`` applies per stream:
+        ``m`` streams reserve ``m * count``), and a blocking read keeps it while it
+        waits, so the size of a read follows what the streams had last time:
+
+        * idle (the last blocking read timed out): block asking one entry per
+          stream, so that idle streams tie up almost nothing;
+        * active (entries came, fewer than asked): block asking a share of the
+          capacity that leaves room for the other readers and the claimer;
+        * draining (a stream gave all that was asked): ask for more without
+          blocking, since entries are waiting.
+
+        With more streams than half the capacity, idle reads block at most 0.1 s,
+        so that they cannot hold the capacity that busy streams need for long.
         """
         transport = self._transport
         assert transport is not None
         opts = self.options
         m = len(streams)
-        block_share = max(m, -(-self._capacity // (readers + 1)))
+        active_share = max(m, -(-self._capacity // (readers + 1)))
         drain_share = max(m, -(-self._capacity // readers))
-        prefix = ["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT"]
         block_ms = round(opts.read_timeout * 1000)
-        suffix = ["BLOCK", block_ms, "STREAMS", *streams, *([">"] * m)]
-        now = ["STREAMS", *streams, *([">"] * m)]
+        idle_ms = block_ms
+        if total > self._capacity // 2 and not 0 < block_ms <= 100:
+            idle_ms = 100
+        prefix = ["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT"]
+        keys = ["STREAMS", *streams, *([">"] * m)]
         subs = self._subs
         counts = self._counts
         nogroup_streak = 0
-        more = False
+        mode = _IDLE
         while True:
             free = await self._wait_for_space(m)
-            count = max(1, min(free, drain_share if more else block_share) // m)
+            share = m if mode is _IDLE else active_share if mode is _ACTIVE else drain_share
+            count = max(1, min(free, share) // m)
             reserved = count * m
             self._reserved += reserved
             try:
-                if more:
+                if mode is _DRAIN:
                     reply = await self._retry.call(
-                        "XREADGROUP", transport.execute, *prefix, count, *now
+                        "XREADGROUP", transport.execute, *prefix, count, *keys
                     )
                 else:
-                    args = [*prefix, count, *suffix]
+                    ms = idle_ms if mode is _IDLE else block_ms
+                    args = [*prefix, count, "BLOCK", ms, *keys]
                     reply = await self._retry.call(
-                        "XREADGROUP", transport.blocking, args, opts.read_timeout
+                        "XREADGROUP", transport.blocking, args, ms / 1000
                     )
             except StreamqError as exc:
                 self._reserved -= reserved
@@ -730,7 +745,7 @@ class AsyncConsumer:
                     await asyncio.sleep(opts.backoff.for_attempt(nogroup_streak))
                     nogroup_streak += 1
                     await self._create_groups(opts.start_id, recreate=True, streams=streams)
-                    more = False
+                    mode = _IDLE
                     continue
                 raise
             except BaseException:
@@ -740,12 +755,13 @@ class AsyncConsumer:
             # into held entries without anyone else seeing the capacity in between.
             self._reserved -= reserved
             nogroup_streak = 0
-            more = False
             if not reply:
+                mode = _ACTIVE if mode is _DRAIN else _IDLE
                 self._space.set()
                 # Let readers waiting for space reserve before this one blocks again.
                 await asyncio.sleep(0)
                 continue
+            mode = _ACTIVE
             got = 0
             for raw_stream, entries in reply:
                 stream = raw_stream.decode()
@@ -759,7 +775,8 @@ class AsyncConsumer:
                     last = entries[-1][0]
                     sub.last_id = last.decode() if isinstance(last, bytes) else str(last)
                     got += len(entries)
-                    more = more or len(entries) >= count
+                    if len(entries) >= count:
+                        mode = _DRAIN
             if got < reserved:
                 self._space.set()
 

@@ -1,0 +1,315 @@
+"""streamq on a real 3-master Redis Cluster: routing, the whole consumer core, partitions.
+
+Every test here shares the session's cluster (``cluster`` fixture, no replicas) and
+uses its own keys. Failover is in ``test_cluster_failover.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+from helpers import FAST, drain_errors, make_consumer, wait_until
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from streamq import (
+    AsyncPublisher,
+    DeadLetteredError,
+    GroupRecreatedError,
+    Message,
+    PartitionedStream,
+    fail,
+)
+from streamq._cluster import ClusterTransport, command_keys
+from streamq._partition import slot_tag
+from streamq._servers import LocalCluster
+
+pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
+
+
+@pytest.fixture
+async def cluster_client(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    """A redis-py cluster client, used by the tests to look at what Redis holds."""
+    client = cluster.client()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def master_port_of(cluster: LocalCluster, key: str) -> int:
+    slot = key_slot(key.encode())
+    for first, last, port in cluster.slot_ranges():
+        if first <= slot <= last:
+            return port
+    raise AssertionError(f"slot {slot} is not served")
+
+
+async def pending_of(client: RedisCluster, stream: str, group: str = "g") -> int:
+    return int((await client.xpending(stream, group))["pending"])
+
+
+def spread_streams(prefix: str) -> list[str]:
+    """Three plain streams, one per master (hash tags in each third of the slots)."""
+    return [
+        f"{prefix}{name}{{{slot_tag(slot)}}}"
+        for name, slot in (("a", 100), ("b", 6000), ("c", 12000))
+    ]
+
+
+async def test_partitions_land_on_different_masters(cluster: LocalCluster, key_prefix: str) -> None:
+    masters = {node.port for node in cluster.masters()}
+    assert len(masters) == 3
+    for name in ("orders", "payments", f"{key_prefix}x"):
+        three = PartitionedStream(name, partitions=3)
+        assert {master_port_of(cluster, key) for key in three.keys} == masters
+        six = PartitionedStream(name, partitions=6)
+        per_master = defaultdict(int)
+        for key in six.keys:
+            per_master[master_port_of(cluster, key)] += 1
+        assert sorted(per_master.values()) == [2, 2, 2]
+
+
+async def test_publish_and_consume_across_masters(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    plain = spread_streams(key_prefix)
+    orders = PartitionedStream(f"{key_prefix}orders", partitions=3)
+    async with AsyncPublisher(redis=cluster_client, backoff=FAST) as publisher:
+        # One publish, a coalesced burst and a pipelined batch, each spanning masters.
+        single = Message(plain[0], {"n": 0})
+        burst = [Message(plain[i % 3], {"n": i}) for i in range(300)]
+        batch = [orders.message({"n": i}, key=f"user-{i % 17}") for i in range(600)]
+        await publisher.publish(single)
+        await asyncio.gather(*(publisher.publish(msg) for msg in burst))
+        await publisher.publish_many(batch)
+        assert publisher.stats().batches >= 2
+    # IDs are per stream: entries of different streams may share one.
+    expected = {(msg.stream, msg.id) for msg in (single, *burst, *batch)}
+    assert len(expected) == 901
+    seen: list[tuple[str, str]] = []
+
+    async def handler(msg: Message) -> None:
+        seen.append((msg.stream, msg.id))
+
+    consumer = make_consumer(cluster_client, start_id="0", buffer_size=20, concurrency=8)
+    for stream in plain:
+        consumer.subscribe(stream, handler)
+    consumer.subscribe(orders, handler)
+    async with consumer:
+        await wait_until(lambda: consumer.stats().acked == 901, what="901 acks")
+    errors = drain_errors(consumer)
+    assert errors == [], errors  # in particular no CROSSSLOT
+    assert sorted(seen) == sorted(expected)
+    for stream in (*plain, *orders.keys):
+        assert await pending_of(cluster_client, stream) == 0
+    assert sum([await cluster_client.xlen(s) for s in orders.keys]) == 600
+
+
+async def test_cluster_url_and_crossslot_refused_locally(
+    cluster: LocalCluster, key_prefix: str
+) -> None:
+    a, b, _ = spread_streams(key_prefix)
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    async with AsyncPublisher(redis=url) as publisher:
+        await publisher.publish(Message(a, {"x": 1}))
+        await publisher.publish(Message(b, {"x": 2}))
+        transport = publisher._transport
+        assert isinstance(transport, ClusterTransport)
+        # Same hash tag, same slot: one command may read both.
+        assert transport.slot_groups([a, b, a + "x"]) == [[a, a + "x"], [b]]
+        with pytest.raises(redis.exceptions.ClusterCrossSlotError):
+            await transport.execute("XREAD", "STREAMS", a, b, "0", "0")
+    assert command_keys(("XGROUP", "CREATE", "s", "g", "$")) == ("s",)
+    assert list(command_keys(["XREADGROUP", "GROUP", "g", "c", "STREAMS", "x", "y", ">", ">"])) == [
+        "x",
+        "y",
+    ]
+    assert command_keys(("INFO", "server")) == ()
+
+
+async def test_retries_dead_letters_and_group_recreation(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    plain = spread_streams(key_prefix)
+    for i, stream in enumerate(plain):
+        await cluster_client.xadd(stream, {"n": i, "kind": "poison" if i == 1 else "ok"})
+    handled: dict[str, int] = defaultdict(int)
+
+    async def handler(msg: Message) -> Any:
+        handled[msg.stream] += 1
+        if msg.values["kind"] == b"poison":
+            return fail("never works", backoff=0.01)
+        if handled[msg.stream] == 1:
+            return fail("works the second time", backoff=0.01)
+        return None
+
+    consumer = make_consumer(cluster_client, start_id="0", max_retry=2)
+    for stream in plain:
+        consumer.subscribe(stream, handler)
+    async with consumer:
+        await wait_until(lambda: consumer.stats().dead_lettered == 1, what="a dead letter")
+        await wait_until(lambda: consumer.stats().acked == 3, what="three acks")
+        # The group vanishes from one master: the reader recreates it and goes on.
+        await cluster_client.xgroup_destroy(plain[2], "g")
+        await cluster_client.xadd(plain[2], {"n": 9, "kind": "ok"})
+        await wait_until(lambda: handled[plain[2]] >= 3, what="reading after NOGROUP")
+    errors = drain_errors(consumer)
+    assert any(isinstance(e, GroupRecreatedError) for e in errors)
+    dead = [e for e in errors if isinstance(e, DeadLetteredError)]
+    assert [e.dead_letter_stream for e in dead] == [f"{plain[1]}:dead"]
+    assert handled[plain[1]] == 3  # max_retry=2: three deliveries
+    assert consumer.stats().retried >= 4
+    entries = await cluster_client.xrange(f"{plain[1]}:dead")
+    assert len(entries) == 1
+    assert entries[0][1][b"streamq-original-stream"] == plain[1].encode()
+    for stream in plain:
+        assert await pending_of(cluster_client, stream) == 0
+
+
+async def test_claiming_recovery_and_renewal(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    plain = spread_streams(key_prefix)
+    for stream in plain:
+        await cluster_client.xgroup_create(stream, "g", id="0", mkstream=True)
+        for i in range(3):
+            await cluster_client.xadd(stream, {"n": i})
+        # "dead" read everything and died; "c1" is about to restart.
+        await cluster_client.xreadgroup("g", "dead", {stream: ">"}, count=2)
+        await cluster_client.xreadgroup("g", "c1", {stream: ">"}, count=1)
+    seen: dict[str, list[str]] = defaultdict(list)
+
+    async def handler(msg: Message) -> None:
+        seen[msg.stream].append(msg.id)
+
+    options: dict[str, Any] = {"pending_timeout": 0.3, "claim_interval": 0.1}
+    options["handler_timeout"] = 0.3
+    consumer = make_consumer(cluster_client, "g", "c1", **options)
+    for stream in plain:
+        consumer.subscribe(stream, handler)
+    async with consumer:
+        await wait_until(lambda: consumer.stats().acked == 9, what="nine acks")
+    stats = consumer.stats()
+    assert (stats.recovered, stats.claimed) == (3, 6)
+    for stream in plain:
+        assert len(seen[stream]) == 3
+        assert await pending_of(cluster_client, stream) == 0
+
+    # Renewal: messages waiting in c2's buffer longer than pending_timeout are not
+    # claimed by c3, because c2 renews them on every master.
+    slow = spread_streams(key_prefix + "slow")
+    for stream in slow:
+        await cluster_client.xgroup_create(stream, "g", id="0", mkstream=True)
+        for i in range(2):
+            await cluster_client.xadd(stream, {"n": i})
+    busy: list[tuple[str, str]] = []
+
+    async def slow_handler(msg: Message) -> None:
+        busy.append((msg.stream, msg.id))
+        await asyncio.sleep(0.25)
+
+    renewing = {"pending_timeout": 0.6, "claim_interval": 0.1, "handler_timeout": 0.5}
+    c2 = make_consumer(cluster_client, "g", "c2", concurrency=1, buffer_size=10, **renewing)
+    c3 = make_consumer(cluster_client, "g", "c3", **renewing)
+    for stream in slow:
+        c2.subscribe(stream, slow_handler)
+        c3.subscribe(stream, slow_handler)
+    async with c2:
+        await wait_until(lambda: c2.stats().read == 6, what="c2 reads all six")
+        async with c3:
+            await wait_until(lambda: c2.stats().acked == 6, timeout=15, what="c2 handles six")
+    assert c3.stats().claimed == 0
+    assert len(busy) == len(set(busy)) == 6
+
+
+async def test_per_key_order_under_concurrency(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    await check_per_key_order(cluster_client, key_prefix, partitions=3)
+
+
+async def test_held_messages_stay_bounded_with_a_reader_per_slot(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    events = PartitionedStream(f"{key_prefix}events", partitions=6)
+    async with AsyncPublisher(redis=cluster_client) as publisher:
+        await publisher.publish_many(events.message({"n": i}) for i in range(600))
+    buffer_size, concurrency = 3, 2
+    bound = buffer_size + concurrency
+    peak = 0
+
+    async def handler(msg: Message) -> None:
+        nonlocal peak
+        stats = consumer.stats()
+        peak = max(peak, stats.in_flight + stats.buffered + stats.waiting_retry)
+        await asyncio.sleep(0)
+
+    consumer = make_consumer(
+        cluster_client, start_id="0", buffer_size=buffer_size, concurrency=concurrency
+    )
+    consumer.subscribe(events, handler)
+    async with consumer:
+        while consumer.stats().acked < 600:
+            stats = consumer.stats()
+            assert stats.read - stats.acked - stats.pending_acks <= bound
+            assert len(consumer._held) + consumer._reserved <= bound
+            await asyncio.sleep(0.002)
+    assert peak <= bound
+    assert consumer.stats().read == 600
+    for stream in events.keys:
+        assert await pending_of(cluster_client, stream) == 0
+
+
+async def check_per_key_order(client: Any, prefix: str, *, partitions: int) -> None:
+    """Publish 600 messages over 24 keys; handle them with failures and random delays."""
+    orders = PartitionedStream(f"{prefix}orders", partitions=partitions)
+    rng = random.Random(5)
+    keys = [f"user-{k}" for k in range(24)]
+    sequence: dict[str, int] = defaultdict(int)
+    messages = []
+    for _ in range(600):
+        key = rng.choice(keys)
+        messages.append(orders.message({"seq": sequence[key]}, key=key))
+        sequence[key] += 1
+    async with AsyncPublisher(redis=client) as publisher:
+        await publisher.publish_many(messages)
+    handled: dict[str, list[int]] = defaultdict(list)
+    running: set[str] = set()
+    overlap = 0
+    attempts: dict[str, int] = defaultdict(int)
+
+    async def handler(msg: Message) -> Any:
+        nonlocal overlap
+        key = orders.key_of(msg)
+        assert key is not None
+        assert key not in running, f"two messages of {key} at once"
+        running.add(key)
+        overlap = max(overlap, len(running))
+        try:
+            await asyncio.sleep(rng.random() * 0.002)
+            attempts[msg.id] += 1
+            if attempts[msg.id] == 1 and rng.random() < 0.05:
+                return fail("transient", backoff=0.005)  # later ones of the key must wait
+            handled[key].append(int(msg.values["seq"]))
+            return None
+        finally:
+            running.discard(key)
+
+    consumer = make_consumer(client, start_id="0", concurrency=8, buffer_size=40)
+    consumer.subscribe(orders, handler, ordered_by_key=True)
+    async with consumer:
+        await wait_until(lambda: consumer.stats().acked == 600, timeout=30, what="600 acks")
+    for key in keys:
+        assert handled[key] == list(range(sequence[key])), key
+    assert overlap > 1  # different keys did run concurrently
+    assert consumer.stats().retried > 0
+    assert consumer._lanes.parked == 0
+    for stream in orders.keys:
+        assert int((await client.xpending(stream, "g"))["pending"]) == 0
