@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -36,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.client import CaseInsensitiveDict
 from redis.exceptions import ResponseError
 
-from ._errors import UnsupportedServerError
+from ._capabilities import ServerInfo, detect, require_commands
 from ._resp import pack_commands
 
 if TYPE_CHECKING:
@@ -51,24 +50,6 @@ Command = Sequence[Any]
 _MAX_IDLE = 16
 
 
-@dataclass(frozen=True, slots=True)
-class ServerInfo:
-    """What a server said about itself.
-
-    Attributes:
-        name: ``"redis"`` or ``"valkey"`` (or whatever the server reports).
-        version: The version as a tuple of ints, e.g. ``(7, 0, 15)``.
-    """
-
-    name: str
-    version: tuple[int, ...]
-
-    @property
-    def version_text(self) -> str:
-        """The version as ``"7.0.15"``."""
-        return ".".join(map(str, self.version))
-
-
 _POOL_OWNED = (
     "connection_pool",
     "maint_notifications_pool_handler",
@@ -79,19 +60,6 @@ _POOL_OWNED = (
     "orig_socket_connect_timeout",
     "himport_registry",
 )
-
-# Oldest server streamq can run on: XPENDING IDLE and exclusive ranges came in 6.2.
-MIN_VERSION = (6, 2)
-
-
-def _parse_version(text: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 class Transport:
@@ -137,6 +105,7 @@ class Transport:
         self._encoding: str = encoder.encoding
         self._encoding_errors: str = encoder.encoding_errors
         self.server: ServerInfo | None = None
+        self._checked: set[str] = set()
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its raw (RESP2, undecoded) reply.
@@ -235,30 +204,23 @@ class Transport:
             await conn.disconnect(nowait=True)
             raise
 
-    async def server_info(self) -> ServerInfo:
-        """Ask the server its name and version (cached), refusing servers older than 6.2.
+    async def server_info(self, required: Sequence[str] = ()) -> ServerInfo:
+        """Detect the server and its capabilities once (cached), refusing what cannot work.
+
+        Args:
+            required: Commands the caller will send; each is probed once.
 
         Raises:
-            UnsupportedServerError: The server is older than streamq supports.
+            UnsupportedServerError: The server is older than Redis 6.2, or lacks one
+                of ``required`` (the message names the server and the commands).
         """
-        if self.server is not None:
-            return self.server
-        name, version = "redis", ""
-        raw = await self.execute("INFO", "server")
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        fields = dict(
-            line.split(":", 1) for line in text.splitlines() if ":" in line and line[0] != "#"
-        )
-        name = fields.get("server_name", "redis").strip() or "redis"
-        version = fields.get(f"{name}_version", fields.get("redis_version", "")).strip()
-        info = ServerInfo(name=name, version=_parse_version(version))
-        if info.version and info.version < MIN_VERSION:
-            raise UnsupportedServerError(
-                f"{name} {info.version_text} is too old: streamq needs Redis >= 6.2 "
-                "(XPENDING IDLE, XAUTOCLAIM)"
-            )
-        self.server = info
-        return info
+        if self.server is None:
+            self.server = await detect(self.execute)
+        unchecked = [name for name in required if name not in self._checked]
+        if unchecked:
+            await require_commands(self.execute, self.server, unchecked)
+            self._checked.update(unchecked)
+        return self.server
 
     async def aclose(self) -> None:
         """Close streamq's connections (and the client, when streamq built it)."""

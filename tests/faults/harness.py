@@ -240,3 +240,20 @@ def consumer_seen(server: LocalRedis, stream: str, name: str = "c1", group: str 
         return any(name in row for row in rows or [])  # type: ignore[operator,union-attr]
 
     return check
+
+
+def group_caught_up(server: LocalRedis, stream: str, group: str = "g") -> bool:
+    """Whether ``group`` has read every entry of ``stream`` and has nothing pending."""
+    try:
+        info = server.execute("XINFO", "STREAM", stream)
+        rows = server.execute("XINFO", "GROUPS", stream)
+    except Exception:
+        return False
+    assert isinstance(info, list)
+    assert isinstance(rows, list)
+    last = dict(zip(info[::2], info[1::2], strict=True))["last-generated-id"]
+    for row in rows:
+        fields = dict(zip(row[::2], row[1::2], strict=True))  # type: ignore[index]
+        if fields["name"] == group:
+            return bool(fields["pending"] == 0 and fields["last-delivered-id"] == last)
+    return False
