@@ -213,9 +213,12 @@ def is_nogroup(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis' NOGROUP reply (group or stream missing).
 
     redis-py has no exception type for NOGROUP, so its reply prefix is the only
-    reliable signal.
+    reliable signal. A blocked ``XREADGROUP`` whose stream is deleted gets
+    ``UNBLOCKED the stream key no longer exists`` instead: the same situation.
     """
-    return isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP")
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(
+        ("NOGROUP", "UNBLOCKED the stream key")
+    )
 
 
 def convert(exc: BaseException, what: str, *, message: Message | None = None) -> StreamqError:
