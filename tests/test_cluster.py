@@ -7,7 +7,6 @@ uses its own keys. Failover is in ``test_cluster_failover.py``.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +16,7 @@ import redis.asyncio
 from helpers import FAST, drain_errors, make_consumer, wait_until
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from test_partitions import check_per_key_order
 
 from streamq import (
     AsyncPublisher,
@@ -265,51 +265,3 @@ async def test_held_messages_stay_bounded_with_a_reader_per_slot(
     assert consumer.stats().read == 600
     for stream in events.keys:
         assert await pending_of(cluster_client, stream) == 0
-
-
-async def check_per_key_order(client: Any, prefix: str, *, partitions: int) -> None:
-    """Publish 600 messages over 24 keys; handle them with failures and random delays."""
-    orders = PartitionedStream(f"{prefix}orders", partitions=partitions)
-    rng = random.Random(5)
-    keys = [f"user-{k}" for k in range(24)]
-    sequence: dict[str, int] = defaultdict(int)
-    messages = []
-    for _ in range(600):
-        key = rng.choice(keys)
-        messages.append(orders.message({"seq": sequence[key]}, key=key))
-        sequence[key] += 1
-    async with AsyncPublisher(redis=client) as publisher:
-        await publisher.publish_many(messages)
-    handled: dict[str, list[int]] = defaultdict(list)
-    running: set[str] = set()
-    overlap = 0
-    attempts: dict[str, int] = defaultdict(int)
-
-    async def handler(msg: Message) -> Any:
-        nonlocal overlap
-        key = orders.key_of(msg)
-        assert key is not None
-        assert key not in running, f"two messages of {key} at once"
-        running.add(key)
-        overlap = max(overlap, len(running))
-        try:
-            await asyncio.sleep(rng.random() * 0.002)
-            attempts[msg.id] += 1
-            if attempts[msg.id] == 1 and rng.random() < 0.05:
-                return fail("transient", backoff=0.005)  # later ones of the key must wait
-            handled[key].append(int(msg.values["seq"]))
-            return None
-        finally:
-            running.discard(key)
-
-    consumer = make_consumer(client, start_id="0", concurrency=8, buffer_size=40)
-    consumer.subscribe(orders, handler, ordered_by_key=True)
-    async with consumer:
-        await wait_until(lambda: consumer.stats().acked == 600, timeout=30, what="600 acks")
-    for key in keys:
-        assert handled[key] == list(range(sequence[key])), key
-    assert overlap > 1  # different keys did run concurrently
-    assert consumer.stats().retried > 0
-    assert consumer._lanes.parked == 0
-    for stream in orders.keys:
-        assert int((await client.xpending(stream, "g"))["pending"]) == 0
