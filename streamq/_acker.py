@@ -41,6 +41,9 @@ class Acker:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Whether _wake is set and _idle clear for the acks added since the last
+        # batch was taken: add() then skips both events (it runs once per message).
+        self._signalled = False
         self.acked = 0
 
     def add(self, stream: str, entry_id: str) -> None:
@@ -51,8 +54,10 @@ class Acker:
         else:
             ids.append(entry_id)
         self._count += 1
-        self._idle.clear()
-        self._wake.set()
+        if not self._signalled:
+            self._signalled = True
+            self._idle.clear()
+            self._wake.set()
 
     @property
     def pending(self) -> int:
@@ -71,6 +76,7 @@ class Acker:
         while self._pending:
             batch = self._pending
             self._pending = {}
+            self._signalled = False
             commands = [
                 ("XACK", stream, self._group, *ids[i : i + _CHUNK])
                 for stream, ids in batch.items()
