@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from ._acker import Acker
+from ._capabilities import CONSUMER_COMMANDS
 from ._errors import (
     ClosedError,
     DeadLetteredError,
@@ -263,6 +264,11 @@ class AsyncConsumer:
         self._busy: list[bool] = []
         # Raw fields of malformed entries, dead-lettered as they are.
         self._raw_dead: dict[tuple[str, str], list[Any]] = {}
+        # Recovered or claimed messages whose handler has not started here yet. For
+        # these, Redis' delivery counter is kept at the number of handler starts
+        # (see _start_suspect), so that a crash counts against the message that was
+        # running, not against every message that merely sat in the buffer.
+        self._suspects: set[tuple[str, str]] = set()
         self._counts = dict.fromkeys(
             (
                 "read",
@@ -613,6 +619,7 @@ class AsyncConsumer:
 
     def _release(self, msg: Message) -> None:
         """Forget a message this consumer held (acked, dead-lettered or abandoned)."""
+        self._suspects.discard((msg.stream, msg.id))
         if self._held.pop((msg.stream, msg.id), None) is not None:
             self._space.set()
             if self._lanes.fields:
@@ -691,7 +698,7 @@ class AsyncConsumer:
         transport = self._transport
         assert transport is not None
         opts = self.options
-        await self._retry.call("INFO", transport.server_info)
+        await self._retry.call("INFO", transport.server_info, CONSUMER_COMMANDS)
         await self._create_groups(opts.start_id, recreate=False)
         await self._recover_own_pending()
         # Claiming and renewing start only now, so that they never race the
@@ -839,14 +846,75 @@ class AsyncConsumer:
                 ids = [e[0].decode() for e in entries]
                 cursors[stream] = ids[-1]
                 deliveries = await self._deliveries(stream, ids[0], ids[-1], len(ids))
+                # Re-reading counted a delivery, but no handler started: undo it.
+                started = {i: max(n - 1, 1) for i, n in deliveries.items()}
+                await self._set_deliveries(stream, started)
                 for (_, fields), entry_id in zip(entries, ids, strict=True):
                     if fields is None:
                         self._lost(stream, entry_id)
                         continue
-                    msg = self._make(stream, entry_id.encode(), fields, deliveries.get(entry_id, 1))
+                    msg = self._make(stream, entry_id.encode(), fields, started.get(entry_id, 1))
                     self._counts["recovered"] += 1
                     if msg is not None:
                         self._admit(msg)
+                        self._suspects.add((stream, entry_id))
+
+    async def _claim_ids(
+        self, stream: str, idle_ms: int, wanted: list[str], counts: dict[str, int]
+    ) -> list[Any]:
+        """XCLAIM ``wanted`` to this consumer, keeping each one's delivery counter.
+
+        Claiming is not a handler start (see :meth:`_start_suspect`), so the counter
+        is set back to what it was (``RETRYCOUNT``): one XCLAIM per distinct count,
+        usually a single one.
+        """
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        by_value: dict[int, list[str]] = {}
+        for entry_id in wanted:
+            by_value.setdefault(counts[entry_id], []).append(entry_id)
+        reply: list[Any] = []
+        for n, ids in by_value.items():
+            part = await self._retry.call(
+                f"XCLAIM {stream}",
+                transport.execute,
+                *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *ids, "RETRYCOUNT", n),
+            )
+            reply.extend(part or ())
+        return reply
+
+    async def _start_suspect(self, msg: Message) -> None:
+        """Count, in Redis, a handler start on a recovered or claimed message.
+
+        Reading such a message back or claiming it does not count (see
+        :meth:`_set_deliveries`); this does, before the handler runs. Redis' counter
+        then tells how often a handler started on it without an ack: a message that
+        kills its process is dead-lettered after max_retry + 1 starts, while the
+        messages buffered beside it when it struck are not charged for the crashes.
+        """
+        self._suspects.discard((msg.stream, msg.id))
+        msg._deliveries += 1
+        await self._set_deliveries(msg.stream, {msg.id: msg._deliveries})
+
+    async def _set_deliveries(self, stream: str, counts: dict[str, int]) -> None:
+        """Set Redis' delivery counter of this consumer's pending entries.
+
+        ``XCLAIM ... RETRYCOUNT n JUSTID`` to itself: the entry stays where it is.
+        An entry gone from the group (acked, or the group vanished) is skipped.
+        """
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        by_value: dict[int, list[str]] = {}
+        for entry_id, n in counts.items():
+            by_value.setdefault(n, []).append(entry_id)
+        commands = [
+            ("XCLAIM", stream, opts.group, opts.consumer, 0, *ids, "RETRYCOUNT", n, "JUSTID")
+            for n, ids in by_value.items()
+        ]
+        if commands:
+            await transport.pipeline_retrying(f"XCLAIM {stream}", commands, self._retry)
 
     async def _deliveries(self, stream: str, first: str, last: str, count: int) -> dict[str, int]:
         """Delivery counts of this consumer's pending entries between two IDs."""
@@ -890,6 +958,13 @@ class AsyncConsumer:
                 busy[index] = True
                 try:
                     await self._process(msg, deadline)
+                except Exception as exc:
+                    # Handler errors never get here (_call maps them to results):
+                    # this is Redis refusing a dead-letter append or a counter
+                    # update for good. Stop with that fatal error (the message stays
+                    # pending) instead of an ExceptionGroup from the task group.
+                    self._fail(convert(exc, "consumer"))
+                    return
                 finally:
                     busy[index] = False
                     self._in_flight -= 1
@@ -905,6 +980,8 @@ class AsyncConsumer:
         if raw is not None:
             await self._dead_letter(msg, sub, None, deadline, raw_fields=raw)
             return
+        if self._suspects and (msg.stream, msg.id) in self._suspects:
+            await self._start_suspect(msg)
         if max_retry >= 0 and msg._deliveries > max_retry + 1:
             err = HandlerError(
                 f"message {msg.id} of {msg.stream!r} was delivered {msg._deliveries} times "
@@ -1292,11 +1369,7 @@ class AsyncConsumer:
                 # below without an await in between.
                 self._reserved += len(wanted)
                 try:
-                    reply = await self._retry.call(
-                        f"XCLAIM {stream}",
-                        transport.execute,
-                        *("XCLAIM", stream, opts.group, opts.consumer, idle_ms, *wanted),
-                    )
+                    reply = await self._claim_ids(stream, idle_ms, wanted, counts)
                 finally:
                     self._reserved -= len(wanted)
                 claimed = set()
@@ -1309,10 +1382,11 @@ class AsyncConsumer:
                     if fields is None:
                         self._lost(stream, entry_id)
                         continue
-                    msg = self._make(stream, raw_id, fields, counts[entry_id] + 1)
+                    msg = self._make(stream, raw_id, fields, counts[entry_id])
                     self._counts["claimed"] += 1
                     if msg is not None:
                         self._admit(msg)
+                        self._suspects.add((stream, entry_id))
                 for entry_id in wanted:
                     if entry_id not in claimed:
                         await self._gone(stream, entry_id)
