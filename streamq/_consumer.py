@@ -950,7 +950,9 @@ class AsyncConsumer:
         assert task is not None  # workers are tasks of the task group
         deadline = _Deadline(task)
         try:
-            while True:
+            # Checked before each get too: a handler that swallowed its cancellation
+            # at shutdown must not go on to wait for (and block listen() on) more.
+            while not self._draining.is_set():
                 msg = await queue.get()
                 if self._draining.is_set():
                     return
