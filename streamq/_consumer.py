@@ -764,6 +764,11 @@ class AsyncConsumer:
         nogroup_streak = 0
         mode = _IDLE
         while True:
+            if mode is _DRAIN:
+                # Let the workers take (and fast handlers finish) what the last read
+                # queued before this one is sized: with a backlog, reads then ask for
+                # the whole free capacity rather than what was free mid-batch.
+                await asyncio.sleep(0)
             free = await self._wait_for_space(m)
             share = m if mode is _IDLE else active_share if mode is _ACTIVE else drain_share
             count = max(1, min(free, share) // m)
