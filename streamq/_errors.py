@@ -233,6 +233,16 @@ def convert(exc: BaseException, what: str, *, message: Message | None = None) ->
         return exc
     if is_network_error(exc):
         return NetworkError(f"{what}: {type(exc).__name__}: {exc}", message=message, error=exc)
+    if isinstance(exc, rex.InvalidResponse) or (
+        isinstance(exc, rex.ConnectionError) and "Protocol Error" in str(exc)
+    ):
+        # What an HTTP, SSH or TLS endpoint, or a wrong port, answers.
+        return RedisError(
+            f"{what}: the reply is not the Redis protocol; is this a Redis server "
+            f"(right host and port, rediss:// for TLS)? {type(exc).__name__}: {exc}",
+            message=message,
+            error=exc,
+        )
     if isinstance(exc, rex.ResponseError) and "unknown command" in str(exc).lower():
         return UnsupportedServerError(
             f"{what}: the server does not support this command ({exc})",
