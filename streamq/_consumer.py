@@ -88,6 +88,8 @@ DEAD_FIELDS = (
 )
 
 _CLAIM_BATCH = 100
+# Seconds a due retry may wait for others to share its XCLAIM.
+_RETRY_WINDOW = 0.002
 # What a reader's streams gave last time (see AsyncConsumer._read_group).
 _IDLE, _ACTIVE, _DRAIN = "idle", "active", "drain"
 _RENEW_CHUNK = 500
@@ -1100,8 +1102,7 @@ class AsyncConsumer:
             delay = result.backoff
             if delay is None:
                 delay = self.options.backoff.for_attempt(msg.retry_count)
-            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._retry_seq), msg))
-            self._retry_wake.set()
+            self._schedule_retry(msg, delay)
 
     def _ack(self, msg: Message) -> None:
         assert self._acker is not None
@@ -1174,8 +1175,7 @@ class AsyncConsumer:
         delay = result.backoff
         if delay is None:
             delay = self.options.backoff.for_attempt(msg.retry_count)
-        heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._retry_seq), msg))
-        self._retry_wake.set()
+        self._schedule_retry(msg, delay)
 
     async def _append_dead(
         self,
@@ -1211,6 +1211,15 @@ class AsyncConsumer:
 
     # -- retries, renewal, claiming -----------------------------------------
 
+    def _schedule_retry(self, msg: Message, delay: float) -> None:
+        heap = self._retry_heap
+        entry = (time.monotonic() + delay, next(self._retry_seq), msg)
+        heapq.heappush(heap, entry)
+        # The retrier sleeps until the earliest entry is due: only a new earliest
+        # entry changes that. Waking it for every failure cost more than the retry.
+        if heap[0] is entry:
+            self._retry_wake.set()
+
     async def _retry_loop(self) -> None:
         heap = self._retry_heap
         while True:
@@ -1222,7 +1231,9 @@ class AsyncConsumer:
             if heap[0][0] > now:
                 self._retry_wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(heap[0][0] - now):
+                    # Up to _RETRY_WINDOW late, so that retries falling due close
+                    # together share one XCLAIM instead of one round trip each.
+                    async with asyncio.timeout(heap[0][0] - now + _RETRY_WINDOW):
                         await self._retry_wake.wait()
                 continue
             due: dict[str, list[Message]] = {}
