@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ._errors import StreamqError, convert, is_nogroup
+from ._errors import NetworkError, StreamqError, convert, is_nogroup
 from ._retry import NetworkRetry
 from ._transport import Transport
 
@@ -92,15 +92,26 @@ class Acker:
                 raise
             sent = sum(len(ids) for ids in batch.values())
             self._count -= sent
+            refused: StreamqError | None = None
             for cmd, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Exception):
                     if is_nogroup(reply):
                         # The group vanished: nothing is pending there to ack. The
                         # reader recreates the group and reports it.
                         continue
-                    self._report(convert(reply, f"XACK {cmd[1]}"))
+                    err = convert(reply, f"XACK {cmd[1]}")
+                    if isinstance(err, NetworkError):
+                        # LOADING and the like, per command: those messages stay
+                        # pending and come back (a duplicate, never a loss).
+                        self._report(err)
+                    elif refused is None:
+                        refused = err
                 else:
                     self.acked += int(reply)
+            if refused is not None:
+                # NOPERM, WRONGTYPE...: every later ack would be refused too, and a
+                # consumer that cannot ack handles the same messages forever.
+                raise refused
         self._idle.set()
 
     async def wait_idle(self) -> None:
