@@ -163,8 +163,9 @@ async def test_safe_trim_never_deletes_what_a_group_needs_random_histories(
                 assert len(left) <= max(5, len(needed))
     finally:
         await transport.aclose()
-    # The history exercised both: trims that happened and trims that groups held back.
-    assert deleted > 0
+    # The history exercised both: trims that happened (whole 100-entry nodes only, with
+    # ~, too big for this history) and trims that groups held back.
+    assert deleted > 0 or approximate
     assert limited > 0
 
 
