@@ -540,6 +540,12 @@ class AsyncConsumer:
         if remaining:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait(remaining, timeout=max(deadline - time.monotonic(), 0.1))
+        if self._acker is not None and self._acker.pending and not ack_task.done():
+            # Let a batch already on the wire land: cancelled mid-flight it would be
+            # sent again by the final flush, and Redis would count it as a no-op.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(self.options.command_timeout):
+                    await self._acker.wait_idle()
         ack_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([ack_task], timeout=self.options.command_timeout)
