@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from . import _admin
 from ._errors import NetworkError, RedisError, StreamqError, convert
@@ -300,7 +301,9 @@ def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], Await
         if _is_server_problem(exc):
             print(f"streamq: error: {exc}", file=sys.stderr)
             return NO_SERVER
-        # Anything else from redis-py: converted at the one boundary.
+        if not isinstance(exc, redis.exceptions.RedisError | OSError):
+            raise  # a bug: the traceback is the useful report
+        # Errors of redis-py itself: converted at the one boundary.
         err = convert(exc, args.command)
         print(f"streamq: error: {err}", file=sys.stderr)
         return _exit_code(err)
