@@ -581,7 +581,7 @@ async def _bench(args: argparse.Namespace) -> int:
         url = _url(args)
     from ._demo import demo_server
 
-    async with demo_server(url) as (server_url, description):
+    async with demo_server(url, "benchmark") as (server_url, description):
         if url is not None:
             async with _connect(args):
                 pass

@@ -87,7 +87,7 @@ class DemoSummary:
 
 
 @contextlib.asynccontextmanager
-async def demo_server(url: str | None) -> AsyncIterator[tuple[str, str]]:
+async def demo_server(url: str | None, purpose: str = "demo") -> AsyncIterator[tuple[str, str]]:
     """Yield ``(url, description)``: ``url`` itself, or a throwaway server started here.
 
     Raises:
@@ -102,7 +102,10 @@ async def demo_server(url: str | None) -> AsyncIterator[tuple[str, str]]:
     async with LocalRedis() as server:
         binary = server.binary
         version = ".".join(map(str, binary.version))
-        yield server.url, f"{binary.server_name} {version} ({binary.path}, started for the demo)"
+        yield (
+            server.url,
+            f"{binary.server_name} {version} ({binary.path}, started for the {purpose})",
+        )
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
