@@ -1,4 +1,4 @@
-"""Developer sessions: tests, lint, types (and more, added by later issues).
+"""Developer sessions: tests, lint, types, bench.
 
 Python versions come from the package metadata (the classifiers), so that adding a
 version to pyproject.toml is the only change needed to test it.
@@ -44,3 +44,14 @@ def types(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict", "streamq")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks vs raw redis-py, FastStream and uvloop (a few minutes; --quick: ~30 s).
+
+    Each script starts one throwaway redis-server; results are printed and written to
+    benchmarks/results/ (git-ignored). Extra arguments go to benchmarks/run_all.py.
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/run_all.py", *session.posargs)
