@@ -504,10 +504,12 @@ class AsyncConsumer:
                     tg.create_task(self._worker(i), name=f"streamq-worker-{i}")
                     for i in range(self._concurrency)
                 ]
+                graceful = False
                 try:
                     await self._stop.wait()
+                    graceful = True
                 finally:
-                    await self._shutdown(background, workers, ack_task)
+                    await self._shutdown(background, workers, ack_task, graceful=graceful)
         finally:
             self._state = ConsumerState.CLOSING
             await transport.aclose()
@@ -517,9 +519,16 @@ class AsyncConsumer:
         background: list[asyncio.Task[None]],
         workers: list[asyncio.Task[None]],
         ack_task: asyncio.Task[None],
+        *,
+        graceful: bool,
     ) -> None:
-        """Stop reading, drain running handlers, flush acks. Runs even when cancelled."""
-        deadline = time.monotonic() + self.options.shutdown_timeout
+        """Stop reading, drain running handlers, flush acks. Runs even when cancelled.
+
+        A cancelled listen() (``graceful=False``) does not wait for running handlers:
+        cancellation asks for a prompt stop; aclose() is the graceful one.
+        """
+        timeout = self.options.shutdown_timeout if graceful else 0.0
+        deadline = time.monotonic() + timeout
         for task in background:
             task.cancel()
         # New messages stay in the queue, pending in Redis, for the next owner.
