@@ -271,6 +271,7 @@ class AsyncConsumer:
         # (see _start_suspect), so that a crash counts against the message that was
         # running, not against every message that merely sat in the buffer.
         self._suspects: set[tuple[str, str]] = set()
+        self._suspect_lock = asyncio.Lock()
         self._counts = dict.fromkeys(
             (
                 "read",
@@ -998,14 +999,25 @@ class AsyncConsumer:
             deadline.close()
 
     async def _process(self, msg: Message, deadline: _Deadline) -> None:
+        if self._suspects and (msg.stream, msg.id) in self._suspects:
+            # One suspect at a time, each acked before the next starts: a message
+            # that kills the process then takes down no other recovered message,
+            # so crashes charge it alone (slower recovery, after crashes only).
+            async with self._suspect_lock:
+                await self._start_suspect(msg)
+                await self._handle(msg, deadline)
+                if self._acker is not None and self._acker.pending:
+                    await self._acker.wait_idle()
+            return
+        await self._handle(msg, deadline)
+
+    async def _handle(self, msg: Message, deadline: _Deadline) -> None:
         sub = self._subs[msg.stream]
         max_retry = self.options.max_retry
         raw = self._raw_dead.pop((msg.stream, msg.id), None) if self._raw_dead else None
         if raw is not None:
             await self._dead_letter(msg, sub, None, deadline, raw_fields=raw)
             return
-        if self._suspects and (msg.stream, msg.id) in self._suspects:
-            await self._start_suspect(msg)
         if max_retry >= 0 and msg._deliveries > max_retry + 1:
             err = HandlerError(
                 f"message {msg.id} of {msg.stream!r} was delivered {msg._deliveries} times "

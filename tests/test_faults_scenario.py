@@ -158,6 +158,7 @@ async def test_nothing_lost_under_chaos(
         + f"; consumer starts={sum(w.starts for w in workers)}"
         + f"; entries in stream={len(entries)} (publishes that returned an ID: {len(published)})"
         + f"; dead-lettered without being poison={len(collateral)}"
+        + str(Counter(dead[i]["streamq-error"][:70] for i in collateral).most_common(3))
     )
     print(
         f"published={len(published)} handled={len(handled)} duplicates={duplicates} "
