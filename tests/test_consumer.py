@@ -480,6 +480,8 @@ async def test_dead_letter_stream(redis_client: Client, stream_name: str) -> Non
     assert fields["streamq-original-id"] == entry_id
     assert fields["streamq-original-stream"] == stream_name
     assert fields["streamq-group"] == "g"
+    assert fields["streamq-consumer"] == "c1"
+    assert float(fields["streamq-dead-at"]) > 0
     assert fields["streamq-deliveries"] == "3"
     assert "bad 3" in fields["streamq-error"]
     assert "ValueError" in fields["streamq-error"]

@@ -237,6 +237,17 @@ async def test_network_retry_zero_never_retries(stream_name: str) -> None:
     await pub.aclose()
 
 
+async def test_retries_are_not_multiplied(stream_name: str, make_proxy: MakeProxy) -> None:
+    # redis-py would retry by itself (10 times by default); streamq's layer is the only one.
+    proxy = await make_proxy()
+    proxy.refuse()
+    pub = publisher(proxy.url(), network_retry=2)
+    with pytest.raises(NetworkError):
+        await pub.publish(Message(stream_name, {"a": 1}))
+    assert proxy.connections_accepted == 3  # one attempt plus two retries
+    await pub.aclose()
+
+
 async def test_network_retry_forever_until_redis_is_back(
     redis_client: redis.asyncio.Redis, stream_name: str, make_proxy: MakeProxy
 ) -> None:
