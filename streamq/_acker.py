@@ -110,7 +110,9 @@ class Acker:
                     self.acked += int(reply)
             if refused is not None:
                 # NOPERM, WRONGTYPE...: every later ack would be refused too, and a
-                # consumer that cannot ack handles the same messages forever.
+                # consumer that cannot ack handles the same messages forever. Nothing
+                # will be confirmed any more: release whoever waits for that.
+                self._idle.set()
                 raise refused
         self._idle.set()
 
