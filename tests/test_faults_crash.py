@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
-from faults.harness import Worker, pending_by_consumer, pending_count, wait_until
+from faults.harness import Worker, dead_letters, pending_by_consumer, pending_count, wait_until
 
 from streamq import AsyncConsumer, Backoff, Message, MessageLostError
 from streamq._servers import LocalRedis
@@ -167,3 +167,41 @@ async def test_entries_trimmed_while_their_consumer_was_dead_are_reported_once(
             assert consumer.stats().claimed <= len(before["b"])
     assert handled == []
     assert sorted(e.entry_id for e in lost) == sorted(before["a"] + before["b"])
+
+
+async def test_a_live_consumers_running_buffered_and_retrying_entries_are_not_claimed(
+    redis_server: LocalRedis, stream_name: str, tmp_path: Path
+) -> None:
+    """Between processes: the holder renews what it holds, the claimer takes none of it."""
+    _group(redis_server, stream_name)
+    poison = str(redis_server.execute("XADD", stream_name, "*", "poison", "raise"))
+    ids = _publish(redis_server, stream_name, 4)
+    timing = {"pending_timeout": 0.6, "handler_timeout": 0, "claim_interval": 0.1}
+    # Each handler call outlives pending_timeout; the others wait in the buffer; the
+    # poison waits in the retry timer (1 s backoff) between its two runs.
+    holder = Worker(
+        tmp_path,
+        "holder",
+        redis_server.url,
+        [stream_name],
+        options={**timing, "concurrency": 1, "max_retry": 1, "backoff": {"min": 1.0, "max": 1.0}},
+        delay=0.8,
+    ).start()
+
+    async def holding() -> bool:
+        return len(pending_by_consumer(redis_server, stream_name).get("holder", [])) == 5
+
+    await wait_until(holding, 10, "the holder holds everything")
+    thief = Worker(tmp_path, "thief", redis_server.url, [stream_name], options=timing).start()
+
+    async def done() -> bool:
+        return set(holder.handled()) == set(ids) and pending_count(redis_server, stream_name) == 0
+
+    await wait_until(done, 20, "the holder handled everything")
+    assert thief.handled() == []
+    letters = dead_letters(redis_server, stream_name)
+    # Run twice by the holder (the retry waited 1 s, longer than pending_timeout).
+    assert letters[poison]["streamq-consumer"] == "holder"
+    assert letters[poison]["streamq-deliveries"] == "2"
+    for worker in (holder, thief):
+        assert await worker.terminate() == 0, worker.stderr()
