@@ -142,12 +142,12 @@ async def test_read_timeout_zero_blocks_until_an_entry_arrives(
 async def test_blocking_read_longer_than_command_timeout(
     redis_client: Client, stream_name: str
 ) -> None:
-    # XREADGROUP BLOCK 500 ms on connections whose socket timeout is 250 ms. (Redis
+    # XREADGROUP BLOCK 500 ms on connections whose socket timeout is 300 ms. (Redis
     # answers a timed-out BLOCK up to 1/hz = 100 ms late, so the slack is kept above that.)
     async def handler(msg: Message) -> None:
         return None
 
-    consumer = make_consumer(redis_client, read_timeout=0.5, command_timeout=0.25)
+    consumer = make_consumer(redis_client, read_timeout=0.5, command_timeout=0.3)
     consumer.subscribe(stream_name, handler)
     async with consumer:
         await wait_group(redis_client, stream_name)

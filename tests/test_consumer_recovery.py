@@ -154,7 +154,7 @@ async def test_live_consumer_entries_are_not_claimed(
         await release.wait()
         return success()
 
-    timing = {"pending_timeout": 0.3, "handler_timeout": 0, "claim_interval": 0.05}
+    timing = {"pending_timeout": 0.5, "handler_timeout": 0, "claim_interval": 0.05}
     holder = make_consumer(redis_client, consumer="holder", start_id="0", concurrency=1, **timing)
     holder.subscribe(stream_name, slow)
     stolen: list[str] = []
@@ -177,7 +177,7 @@ async def test_live_consumer_entries_are_not_claimed(
             assert sorted(r["id"] for r in rows) == ids
             assert {r["consumer"] for r in rows} == {"holder"}
             # Renewed: none of them looks idle.
-            assert all(r["idle"] < 300 for r in rows), rows
+            assert all(r["idle"] < 500 for r in rows), rows
         release.set()
         await wait_until(lambda: holder.stats().acked == 3)
     assert [r["id"] for r in await pending(redis_client, stream_name)] == [ids[0]]
