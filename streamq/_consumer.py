@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import heapq
 import inspect
@@ -94,6 +95,12 @@ _RETRY_WINDOW = 0.002
 _IDLE, _ACTIVE, _DRAIN = "idle", "active", "drain"
 _RENEW_CHUNK = 500
 _SUCCESS = success()
+
+
+# The consumer whose worker runs the current task (see aclose()).
+_handling: contextvars.ContextVar[AsyncConsumer | None] = contextvars.ContextVar(
+    "streamq_handling", default=None
+)
 
 
 class ConsumerState(enum.Enum):
@@ -430,7 +437,9 @@ class AsyncConsumer:
         seconds, then cancels them), acks what finished, and leaves everything
         else pending in Redis for the next start or another consumer. Returns
         within about ``shutdown_timeout`` (plus one ack round trip) even if a
-        handler ignores cancellation.
+        handler ignores cancellation. Called from one of this consumer's handlers
+        (e.g. to stop after a given message), it requests the stop and returns at
+        once: the shutdown waits for that very handler.
         """
         if self._state is ConsumerState.NEW:
             self._state = ConsumerState.CLOSED
@@ -440,6 +449,9 @@ class AsyncConsumer:
         if self._state is ConsumerState.RUNNING:
             self._state = ConsumerState.CLOSING
         self._stop.set()
+        if _handling.get() is self:
+            # Waiting would deadlock until shutdown_timeout cancels the handler.
+            return
         await self._done.wait()
         task = self._background
         if task is not None and task.done() and not task.cancelled():
@@ -972,6 +984,7 @@ class AsyncConsumer:
         task = asyncio.current_task()
         assert task is not None  # workers are tasks of the task group
         deadline = _Deadline(task)
+        _handling.set(self)  # this task's own context: seen by aclose() from handlers
         try:
             # Checked before each get too: a handler that swallowed its cancellation
             # at shutdown must not go on to wait for (and block listen() on) more.

@@ -7,6 +7,7 @@ what the handlers saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from typing import Any
 
@@ -26,9 +27,11 @@ from helpers import (
 from streamq import (
     AsyncConsumer,
     Backoff,
+    ConsumerState,
     DeadLetteredError,
     HandlerError,
     HandlerPanic,
+    MalformedMessageError,
     Message,
     Result,
     discard,
@@ -676,3 +679,69 @@ async def test_many_streams_one_consumer(redis_client: Client, key_prefix: str) 
     assert seen == {streams[0]: 1, streams[1]: 2, streams[2]: 3}
     for stream in streams:
         assert await pending_count(redis_client, stream) == 0
+
+
+async def test_each_handler_has_its_own_deadline(redis_client: Client, stream_name: str) -> None:
+    # Many quick handlers in a row on one worker (together longer than the timeout)
+    # never time out; the slow one does, when due.
+    await add(redis_client, stream_name, 21)
+
+    async def handler(msg: Message) -> None:
+        slow = msg.text("n") == "20" and msg.deliveries == 1
+        await asyncio.sleep(3600 if slow else 0.01)
+
+    consumer = make_consumer(
+        redis_client, start_id="0", concurrency=1, handler_timeout=0.1, claim_interval=0
+    )
+    consumer.subscribe(stream_name, handler)
+    async with consumer:
+        await _settled(redis_client, stream_name, consumer, 21)
+    errors = drain_errors(consumer)
+    assert [(type(e), e.message.text("n")) for e in errors if e.message] == [(HandlerError, "20")]
+    assert isinstance(errors[0].error, TimeoutError)
+
+
+async def test_handler_that_swallows_its_timeout_keeps_its_result(
+    redis_client: Client, stream_name: str
+) -> None:
+    # Like asyncio.timeout: a handler that catches the cancellation and returns
+    # normally keeps its outcome.
+    await add(redis_client, stream_name, 2)
+    calls = 0
+
+    async def handler(msg: Message) -> None:
+        nonlocal calls
+        calls += 1
+        if msg.text("n") == "0":
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    consumer = make_consumer(redis_client, start_id="0", concurrency=1, handler_timeout=0.05)
+    consumer.subscribe(stream_name, handler)
+    async with consumer:
+        await _settled(redis_client, stream_name, consumer, 2)
+    assert calls == 2  # the worker survived and handled the next one
+    assert consumer.state is ConsumerState.CLOSED
+
+
+async def test_malformed_entry_is_dead_lettered_untouched(
+    redis_client: Client, stream_name: str
+) -> None:
+    # A field name that is not UTF-8 cannot become a Message.
+    bad = _text(await redis_client.xadd(stream_name, {b"\xff\xfe": b"x", b"ok": b"1"}))
+    seen: list[Message] = []
+
+    async def handler(msg: Message) -> None:
+        seen.append(msg)
+
+    consumer = make_consumer(redis_client, start_id="0")
+    consumer.subscribe(stream_name, handler)
+    async with consumer:
+        await _settled(redis_client, stream_name, consumer, 1)
+    assert seen == []
+    errors = drain_errors(consumer)
+    assert any(isinstance(e, MalformedMessageError) for e in errors)
+    [(_, fields)] = await redis_client.xrange(f"{stream_name}:dead")
+    assert fields[b"\xff\xfe"] == b"x"
+    assert fields[b"ok"] == b"1"
+    assert fields[b"streamq-original-id"] == bad.encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -24,6 +25,7 @@ from streamq import (
     discard,
     fail,
 )
+from streamq._servers import LocalRedis
 
 pytestmark = pytest.mark.anyio
 
@@ -393,3 +395,69 @@ async def test_stats(redis_client: Client, stream_name: str) -> None:
     assert stats.errors_reported == len(errors) == 6
     assert sum(isinstance(e, HandlerPanic) for e in errors) == 1
     assert stats.errors_dropped == 0
+
+
+async def test_aclose_from_a_handler_stops_without_deadlock(
+    redis_client: Client, stream_name: str
+) -> None:
+    ids = await add(redis_client, stream_name, 3)
+    seen: list[str] = []
+    consumer = make_consumer(redis_client, start_id="0", concurrency=1, shutdown_timeout=30)
+
+    async def handler(msg: Message) -> None:
+        seen.append(msg.id)
+        await consumer.aclose()  # "stop after this one": returns at once
+
+    consumer.subscribe(stream_name, handler)
+    # Well within shutdown_timeout: the shutdown does not wait for itself.
+    await asyncio.wait_for(consumer.listen(), 10)
+    assert seen == [ids[0]]
+    assert consumer.stats().acked == 1
+    assert [r["id"] for r in await pending(redis_client, stream_name)] == ids[1:]
+    assert drain_errors(consumer) == []
+
+
+async def test_url_built_client_is_closed(
+    redis_server: LocalRedis, redis_client: Client, stream_name: str
+) -> None:
+    name = f"owned-{stream_name[-8:]}"
+    consumer = make_consumer(f"{redis_server.url}?client_name={name}")
+    consumer.subscribe(stream_name, _noop)
+    async with consumer:
+        await wait_group(redis_client, stream_name)
+        assert await _named(redis_client, name) > 0
+    await wait_until(lambda: _named_is(redis_client, name, 0), timeout=5, what="closed")
+
+
+async def _named(client: Client, name: str) -> int:
+    return sum(1 for c in await client.client_list() if c.get("name") == name)
+
+
+async def _named_is(client: Client, name: str, count: int) -> bool:
+    return await _named(client, name) == count
+
+
+async def test_two_consumers_share_the_work(redis_client: Client, stream_name: str) -> None:
+    ids = await add(redis_client, stream_name, 200)
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+
+    def handler(name: str) -> Any:
+        async def handle(msg: Message) -> None:
+            seen[name].append(msg.id)
+            await asyncio.sleep(0.001)
+
+        return handle
+
+    first = make_consumer(redis_client, consumer="a", start_id="0", buffer_size=5)
+    second = make_consumer(redis_client, consumer="b", start_id="0", buffer_size=5)
+    first.subscribe(stream_name, handler("a"))
+    second.subscribe(stream_name, handler("b"))
+    async with first, second:
+        await wait_until(lambda: len(seen["a"]) + len(seen["b"]) >= 200)
+        await wait_until(lambda: _no_pending(redis_client, stream_name))
+    # Each message handled exactly once, by one of them.
+    both = seen["a"] + seen["b"]
+    assert len(both) == len(ids)
+    assert set(both) == set(ids)
+    assert seen["a"]
+    assert seen["b"]
