@@ -1029,7 +1029,9 @@ class AsyncConsumer:
         max_retry = self.options.max_retry
         raw = self._raw_dead.pop((msg.stream, msg.id), None) if self._raw_dead else None
         if raw is not None:
-            await self._dead_letter(msg, sub, None, deadline, raw_fields=raw)
+            # The reason goes into the dead-letter entry's streamq-error field.
+            malformed = ValueError("field names are not valid UTF-8")
+            await self._dead_letter(msg, sub, malformed, deadline, raw_fields=raw)
             return
         if max_retry >= 0 and msg._deliveries > max_retry + 1:
             err = HandlerError(
@@ -1184,10 +1186,14 @@ class AsyncConsumer:
         if target is not None:
             await self._append_dead(msg, target, error, raw_fields)
         self._counts["dead_lettered"] += 1
+        why = (
+            "is malformed"
+            if raw_fields is not None
+            else f"exhausted max_retry={self.options.max_retry}"
+        )
         self._report(
             DeadLetteredError(
-                f"message {msg.id} of {msg.stream!r} exhausted max_retry="
-                f"{self.options.max_retry}"
+                f"message {msg.id} of {msg.stream!r} {why}"
                 + (
                     f"; appended to {target!r}" if target else "; dropped (dead_letter_stream=None)"
                 ),

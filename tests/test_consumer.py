@@ -745,3 +745,6 @@ async def test_malformed_entry_is_dead_lettered_untouched(
     assert fields[b"\xff\xfe"] == b"x"
     assert fields[b"ok"] == b"1"
     assert fields[b"streamq-original-id"] == bad.encode()
+    assert b"UTF-8" in fields[b"streamq-error"]
+    [dead] = [e for e in errors if isinstance(e, DeadLetteredError)]
+    assert "malformed" in str(dead)
