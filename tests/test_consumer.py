@@ -33,6 +33,7 @@ from streamq import (
     HandlerPanic,
     MalformedMessageError,
     Message,
+    RedisError,
     Result,
     discard,
     fail,
@@ -748,3 +749,21 @@ async def test_malformed_entry_is_dead_lettered_untouched(
     assert b"UTF-8" in fields[b"streamq-error"]
     [dead] = [e for e in errors if isinstance(e, DeadLetteredError)]
     assert "malformed" in str(dead)
+
+
+async def test_dead_letter_stream_refused_is_fatal_and_keeps_the_message(
+    redis_client: Client, stream_name: str
+) -> None:
+    [entry_id] = await add(redis_client, stream_name, 1)
+    await redis_client.set(f"{stream_name}:dead", "not a stream")
+
+    async def handler(msg: Message) -> Result:
+        return fail("x")
+
+    consumer = make_consumer(redis_client, start_id="0", max_retry=0)
+    consumer.subscribe(stream_name, handler)
+    with pytest.raises(RedisError, match="WRONGTYPE"):
+        await asyncio.wait_for(consumer.listen(), 10)
+    # Not stored as a dead letter, so not acked either.
+    assert [r["id"] for r in await pending(redis_client, stream_name)] == [entry_id]
+    assert consumer.stats().dead_lettered == 0
