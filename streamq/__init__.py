@@ -16,6 +16,7 @@ from ._errors import DeadLetteredError as DeadLetteredError
 from ._errors import GroupRecreatedError as GroupRecreatedError
 from ._errors import HandlerError as HandlerError
 from ._errors import HandlerPanic as HandlerPanic
+from ._errors import LeaseLostError as LeaseLostError
 from ._errors import MalformedMessageError as MalformedMessageError
 from ._errors import MessageLostError as MessageLostError
 from ._errors import NetworkError as NetworkError
@@ -61,6 +62,7 @@ __all__ = [
     "HandlerMiddleware",
     "HandlerPanic",
     "JsonCodec",
+    "LeaseLostError",
     "MalformedMessageError",
     "Message",
     "MessageLostError",

@@ -51,6 +51,7 @@ from ._errors import (
     is_nogroup,
 )
 from ._errorstream import ErrorStream
+from ._leases import Leases
 from ._message import FieldValue, Message, validate_stream_name
 from ._middleware import CallNext
 from ._options import ConsumerOptions
@@ -259,6 +260,10 @@ class AsyncConsumer:
         # neither held nor reserved, so together they never exceed the capacity.
         self._reserved = 0
         self._lanes = KeyLanes()
+        # Ordered streams are read under leases: one consumer of the group each.
+        self._leases = Leases(options.group, options.consumer, options.pending_timeout or 60.0)
+        # Leased streams that a reader is reading right now (see _lease_busy).
+        self._reading: set[str] = set()
         # (stream, id) of every held message: what the renewer renews and the
         # claimer must not take.
         self._held: dict[tuple[str, str], Message] = {}
@@ -349,6 +354,8 @@ class AsyncConsumer:
                 self.subscribe(key, handler, dead_letter)
                 if ordered_by_key:
                     self._lanes.fields[key] = stream.key_field
+            if ordered_by_key:
+                self._leases.add(stream.name, list(stream.keys))
             return
         if self._state is not ConsumerState.NEW:
             raise ClosedError(f"subscribe({stream!r}): the consumer is already {self._state.value}")
@@ -370,6 +377,7 @@ class AsyncConsumer:
         self._subs[stream] = _Subscription(stream=stream, call=call, dead_letter=dead)
         if ordered_by_key:
             self._lanes.fields[stream] = KEY_FIELD
+            self._leases.add(stream, [stream])
 
     def errors(self) -> ErrorStream:
         """The non-fatal errors, as an async iterator that ends when the consumer closes.
@@ -512,6 +520,10 @@ class AsyncConsumer:
                     background.append(
                         tg.create_task(self._guard(self._claim_loop()), name="streamq-claimer")
                     )
+                if self._leases:
+                    background.append(
+                        tg.create_task(self._guard(self._lease_loop()), name="streamq-leases")
+                    )
                 ack_task = tg.create_task(self._guard(acker.run()), name="streamq-acker")
                 workers = [
                     tg.create_task(self._worker(i), name=f"streamq-worker-{i}")
@@ -525,6 +537,7 @@ class AsyncConsumer:
                     await self._shutdown(background, workers, ack_task, graceful=graceful)
         finally:
             self._state = ConsumerState.CLOSING
+            await self._release_leases()
             await transport.aclose()
 
     async def _shutdown(
@@ -737,13 +750,13 @@ class AsyncConsumer:
         groups = self._read_groups()
         total = sum(map(len, groups))
         if len(groups) == 1:
-            await self._read_group(groups[0], 1, total)
+            await self._read_any(groups[0], 1, total)
             return
         try:
             async with asyncio.TaskGroup() as tg:
                 for i, streams in enumerate(groups):
                     tg.create_task(
-                        self._read_group(streams, len(groups), total), name=f"streamq-reader-{i}"
+                        self._read_any(streams, len(groups), total), name=f"streamq-reader-{i}"
                     )
         except ExceptionGroup as group:
             raise group.exceptions[0] from None
@@ -761,8 +774,37 @@ class AsyncConsumer:
             for i in range(0, len(streams), size)
         ]
 
-    async def _read_group(self, streams: list[str], readers: int, total: int) -> None:
-        """Read new entries of ``streams`` into the buffer until cancelled.
+    async def _read_any(self, streams: list[str], readers: int, total: int) -> None:
+        if any(stream in self._leases.exclusive for stream in streams):
+            await self._read_leased(streams, readers, total)
+        else:
+            await self._read_group(streams, readers, total)
+
+    async def _read_leased(self, streams: list[str], readers: int, total: int) -> None:
+        """Read those of ``streams`` this consumer may read, restarting when that changes.
+
+        A leased stream is read only while this consumer holds its lease. When
+        ownership changes (rare: a consumer joined or left) the reader finishes its
+        current read and starts over with the new set: a read cancelled in flight
+        could leave entries delivered to nobody, which would come back out of order.
+        """
+        leases = self._leases
+        while True:
+            changed = leases.changed
+            active = [stream for stream in streams if leases.readable(stream)]
+            if not active:
+                await changed.wait()
+                continue
+            self._reading.update(active)
+            try:
+                await self._read_group(active, readers, total, until=changed)
+            finally:
+                self._reading.difference_update(active)
+
+    async def _read_group(
+        self, streams: list[str], readers: int, total: int, until: asyncio.Event | None = None
+    ) -> None:
+        """Read new entries of ``streams`` into the buffer until cancelled (or ``until``).
 
         Each read reserves the capacity it asks for (``COUNT`` applies per stream:
         ``m`` streams reserve ``m * count``), and a blocking read keeps it while it
@@ -775,8 +817,8 @@ class AsyncConsumer:
         * draining (a stream gave all that was asked): ask for more without
           blocking, since entries are waiting.
 
-        With more streams than half the capacity, idle reads block at most 0.1 s,
-        so that they cannot hold the capacity that busy streams need for long.
+        With more streams than half the capacity, reads block at most 0.1 s, so
+        that quiet streams cannot hold the capacity that busy ones need for long.
         """
         transport = self._transport
         assert transport is not None
@@ -787,13 +829,15 @@ class AsyncConsumer:
         block_ms = round(opts.read_timeout * 1000)
         idle_ms = block_ms
         if total > self._capacity // 2 and not 0 < block_ms <= 100:
-            idle_ms = 100
+            idle_ms = block_ms = 100
         prefix = ["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT"]
         keys = ["STREAMS", *streams, *([">"] * m)]
         subs = self._subs
         nogroup_streak = 0
         mode = _IDLE
         while True:
+            if until is not None and until.is_set():
+                return
             if mode is _DRAIN:
                 # Let the workers take (and fast handlers finish) what the last read
                 # queued before this one is sized: with a backlog, reads then ask for
@@ -1378,6 +1422,8 @@ class AsyncConsumer:
         await self._started.wait()
         while True:
             for stream in list(self._subs):
+                if not self._leases.readable(stream):
+                    continue  # its owner claims there
                 try:
                     await self._claim(stream)
                     await self._claim(stream, orphans=True)
@@ -1386,6 +1432,84 @@ class AsyncConsumer:
                     if exc.error is None or not is_nogroup(exc.error):
                         raise
             await asyncio.sleep(opts.claim_interval)
+
+    # -- leases (ordered streams) -----------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        await self._started.wait()
+        assert self._transport is not None
+        await self._leases.run(
+            self._transport, self._retry, self._lease_busy, self._take_over, self._report
+        )
+
+    def _lease_busy(self, stream: str) -> bool:
+        """Whether this consumer still reads, or holds messages of, ``stream``."""
+        return stream in self._reading or any(key[0] == stream for key in self._held)
+
+    async def _take_over(self, stream: str) -> None:
+        """Claim every entry of a newly leased ``stream`` still pending for another consumer.
+
+        They come before anything new in the stream (a crashed owner read them
+        first), so the stream is read only after this.
+        """
+        transport = self._transport
+        assert transport is not None
+        opts = self.options
+        start = "-"
+        while True:
+            rows = await self._retry.call(
+                f"XPENDING {stream}",
+                transport.execute,
+                *("XPENDING", stream, opts.group, start, "+", _CLAIM_BATCH),
+            )
+            if not rows:
+                return
+            start = "(" + rows[-1][0].decode()
+            counts = {
+                row[0].decode(): int(row[3])
+                for row in rows
+                if row[1].decode() != opts.consumer and (stream, row[0].decode()) not in self._held
+            }
+            waiting = list(counts)
+            while waiting:
+                free = await self._wait_for_space()
+                wanted, waiting = waiting[:free], waiting[free:]
+                self._reserved += len(wanted)
+                try:
+                    reply = await self._claim_ids(stream, 0, wanted, counts)
+                finally:
+                    self._reserved -= len(wanted)
+                claimed = set()
+                for entry in reply:
+                    if entry is None:
+                        continue
+                    raw_id, fields = entry
+                    entry_id = raw_id.decode()
+                    claimed.add(entry_id)
+                    if fields is None:
+                        self._lost(stream, entry_id)
+                        continue
+                    msg = self._make(stream, raw_id, fields, counts[entry_id])
+                    self._counts["claimed"] += 1
+                    if msg is not None:
+                        self._admit(msg)
+                        self._suspects.add((stream, entry_id))
+                for entry_id in wanted:
+                    if entry_id not in claimed:
+                        await self._gone(stream, entry_id)
+            if len(rows) < _CLAIM_BATCH:
+                return
+
+    async def _release_leases(self) -> None:
+        """Hand the leases back at shutdown, so that others take over at once."""
+        if not self._leases or self._transport is None:
+            return
+        try:
+            async with asyncio.timeout(self.options.command_timeout):
+                await self._leases.release_all(self._transport)
+        except Exception as exc:
+            # They expire after pending_timeout anyway.
+            self._report(convert(exc, "lease release"))
 
     async def _claim(self, stream: str, *, orphans: bool = False) -> None:
         """Take over entries of ``stream`` idle longer than pending_timeout.

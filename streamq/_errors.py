@@ -8,6 +8,7 @@ Every error streamq raises or reports derives from :class:`StreamqError`::
     ├── DeadLetteredError         a message exhausted max_retry and was dead-lettered
     ├── MessageLostError          an entry was deleted (trimmed) before it was processed
     ├── MalformedMessageError     an entry streamq cannot turn into a Message
+    ├── LeaseLostError            an ordered stream's lease expired under this consumer
     ├── NetworkError              connection refused/reset/timed out (``retrying`` tells
     │                             whether streamq will try again)
     ├── RedisError                any other error from Redis (WRONGTYPE, NOPERM, ...)
@@ -36,6 +37,7 @@ __all__ = [
     "GroupRecreatedError",
     "HandlerError",
     "HandlerPanic",
+    "LeaseLostError",
     "MalformedMessageError",
     "MessageLostError",
     "NetworkError",
@@ -131,6 +133,15 @@ class MalformedMessageError(StreamqError):
     """An entry could not be turned into a :class:`~streamq.Message`.
 
     The entry is not given to a handler; it is dead-lettered with its raw fields.
+    """
+
+
+class LeaseLostError(StreamqError):
+    """The lease of an ordered stream expired while this consumer held it.
+
+    Another consumer of the group may have taken the stream, so messages of one
+    key may run twice or out of order. It happens when a consumer stalls for
+    longer than ``pending_timeout``; reported, not raised.
     """
 
 

@@ -16,7 +16,7 @@ import redis.asyncio
 from helpers import FAST, drain_errors, make_consumer, wait_until
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from test_partitions import check_per_key_order
+from test_partitions import check_handover, check_per_key_order
 
 from streamq import (
     AsyncPublisher,
@@ -233,6 +233,12 @@ async def test_per_key_order_under_concurrency(
     cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
 ) -> None:
     await check_per_key_order(cluster_client, key_prefix, partitions=3)
+
+
+async def test_ordered_partitions_shared_by_two_consumers(
+    cluster: LocalCluster, cluster_client: RedisCluster, key_prefix: str
+) -> None:
+    await check_handover(cluster_client, key_prefix)
 
 
 async def test_held_messages_stay_bounded_with_a_reader_per_slot(

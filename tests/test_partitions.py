@@ -203,3 +203,93 @@ async def check_per_key_order(client: Any, prefix: str, *, partitions: int) -> N
     assert consumer._lanes.parked == 0
     for stream in orders.keys:
         assert int((await client.xpending(stream, "g"))["pending"]) == 0
+
+
+async def test_ordered_partitions_are_shared_out_and_handed_over(
+    redis_client: Client, key_prefix: str
+) -> None:
+    await check_handover(redis_client, key_prefix)
+
+
+async def check_handover(redis_client: Any, key_prefix: str) -> None:
+    """Two consumers share 4 ordered partitions, then one leaves; per-key order holds."""
+    orders = PartitionedStream(f"{key_prefix}orders", partitions=4)
+    running: set[str] = set()
+    handled: dict[str, list[int]] = defaultdict(list)
+    sequence: dict[str, int] = defaultdict(int)
+    rng = random.Random(7)
+
+    async def handler(msg: Message) -> None:
+        key = msg.text(KEY_FIELD)
+        assert key not in running, f"two consumers ran messages of {key} at once"
+        running.add(key)
+        try:
+            await asyncio.sleep(rng.random() * 0.003)
+            handled[key].append(int(msg.values["seq"]))
+        finally:
+            running.discard(key)
+
+    async def publish(publisher: AsyncPublisher, n: int) -> None:
+        for _ in range(n):
+            key = f"user-{rng.randrange(12)}"
+            await publisher.publish(orders.message({"seq": sequence[key]}, key=key))
+            sequence[key] += 1
+
+    fast = {"pending_timeout": 1.5, "handler_timeout": 1.0, "claim_interval": 0.2}
+    c1 = make_consumer(redis_client, consumer="c1", concurrency=4, **fast)
+    c2 = make_consumer(redis_client, consumer="c2", concurrency=4, **fast)
+    c1.subscribe(orders, handler, ordered_by_key=True)
+    c2.subscribe(orders, handler, ordered_by_key=True)
+    async with AsyncPublisher(redis=redis_client) as publisher, c1:
+        await wait_until(lambda: c1._leases.owned == set(orders.keys), what="c1 owns all")
+        await publish(publisher, 100)
+        async with c2:
+            await publish(publisher, 100)
+            await wait_until(
+                lambda: len(c1._leases.owned) == len(c2._leases.owned) == 2,
+                what="two partitions each",
+            )
+            assert c1._leases.owned.isdisjoint(c2._leases.owned)
+            await publish(publisher, 100)
+        # c2 left cleanly: its partitions come back to c1 at once (no lease expiry).
+        await wait_until(lambda: c1._leases.owned == set(orders.keys), what="c1 owns all again")
+        await publish(publisher, 100)
+        await wait_until(lambda: sum(map(len, handled.values())) == 400, what="400 handled")
+    for key, seqs in handled.items():
+        assert seqs == list(range(sequence[key])), key
+    assert c2.stats().handled > 0
+    for stream in orders.keys:
+        assert await pending_count(redis_client, stream) == 0
+        assert await redis_client.exists(f"{stream}:lease:g") == 0
+    assert await redis_client.exists(f"{orders.name}:members:g") == 0
+
+
+async def test_a_dead_owner_s_partition_is_taken_over_in_order(
+    redis_client: Client, key_prefix: str
+) -> None:
+    solo = PartitionedStream(f"{key_prefix}solo", partitions=1)
+    stream = solo.keys[0]
+    await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
+    async with AsyncPublisher(redis=redis_client) as publisher:
+        for n in range(6):
+            await publisher.publish(solo.message({"seq": n}, key="k"))
+    # "dead" read the first four, holds the lease for a moment longer, and died.
+    await redis_client.xreadgroup("g", "dead", {stream: ">"}, count=4)
+    await redis_client.set(f"{stream}:lease:g", "dead", px=600)
+    seen: list[int] = []
+
+    async def handler(msg: Message) -> None:
+        seen.append(int(msg.values["seq"]))
+
+    fast = {"pending_timeout": 0.9, "handler_timeout": 0.5, "claim_interval": 0.1}
+    consumer = make_consumer(redis_client, consumer="c1", concurrency=4, **fast)
+    consumer.subscribe(solo, handler, ordered_by_key=True)
+    async with consumer:
+        # Nothing is read while the dead owner's lease lasts...
+        await asyncio.sleep(0.3)
+        assert seen == []
+        # ...then its entries come first, in order, before the unread ones.
+        await wait_until(lambda: len(seen) == 6, timeout=5, what="six handled")
+    assert seen == list(range(6))
+    assert consumer.stats().claimed == 4
+    assert await pending_count(redis_client, stream) == 0
