@@ -1057,9 +1057,15 @@ class AsyncConsumer:
 
     async def _process(self, msg: Message, deadline: _Deadline) -> None:
         if self._suspects and (msg.stream, msg.id) in self._suspects:
-            # One suspect at a time, each acked before the next starts: a message
-            # that kills the process then takes down no other recovered message,
-            # so crashes charge it alone (slower recovery, after crashes only).
+            if msg._deliveries < 2:
+                # Back once: most likely it sat in a buffer at a restart, or one
+                # crash caught it. Run it as usual, counting the start.
+                await self._start_suspect(msg)
+                await self._handle(msg, deadline)
+                return
+            # Back again after starting here: a crash loop. One such suspect at a
+            # time, each acked before the next starts: a message that kills the
+            # process then takes down no other, so crashes charge it alone.
             async with self._suspect_lock:
                 await self._start_suspect(msg)
                 await self._handle(msg, deadline)

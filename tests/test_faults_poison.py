@@ -179,3 +179,39 @@ def _drained(server: LocalRedis, stream: str):  # type: ignore[no-untyped-def]
 
 def _exists(server: LocalRedis, key: str) -> bool:
     return bool(server.execute("EXISTS", key))
+
+
+async def test_messages_left_pending_by_a_graceful_stop_run_concurrently_after_it(
+    redis_server: LocalRedis, stream_name: str
+) -> None:
+    """Only a crash loop serializes recovery; an ordinary restart keeps its concurrency."""
+    _publish(redis_server, stream_name, 9)
+    gate = asyncio.Event()
+
+    async def blocked(msg: Message) -> None:
+        await gate.wait()
+
+    first = _consumer(redis_server, concurrency=1, buffer_size=8, shutdown_timeout=0.1)
+    first.subscribe(stream_name, blocked)
+    async with first:
+
+        async def buffered() -> bool:
+            return first.stats().buffered == 8
+
+        await wait_until(buffered, 5, "eight buffered")
+    assert pending_count(redis_server, stream_name) == 9
+    running = peak = 0
+
+    async def handler(msg: Message) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+
+    second = _consumer(redis_server, concurrency=4)
+    second.subscribe(stream_name, handler)
+    async with second:
+        await wait_until(_drained(redis_server, stream_name), 10, "all handled")
+    assert second.stats().recovered == 9
+    assert peak == 4
