@@ -17,11 +17,13 @@ Keys (all single-key commands, so any of them may live on any cluster node):
   stream ``<name>``, each scored with the time its membership expires (its
   client's clock; keep clocks within a few seconds).
 
-Balance: every tick a consumer counts the live members ``m`` and aims at owning
-``ceil(N / m)`` of the ``N`` partitions, taking free leases (``SET NX``) or
-handing back extras. A consumer that joins gets its share within a tick or two;
-one that stops cleanly (``aclose()``) hands its partitions back at once; one that
-crashes loses them when its leases expire, after ``pending_timeout``.
+Balance: every tick a consumer lists the live members ``m`` and aims at owning
+``N // m`` of the ``N`` partitions, one more if its name ranks among the first
+``N % m``, taking free leases (``SET NX``) or handing back extras. A consumer
+that joins gets its share within a tick or two; one that stops cleanly
+(``aclose()``) hands its partitions back at once; one that crashes loses them
+when its leases expire, after ``pending_timeout``. With more consumers than
+partitions, the extra consumers own none and wait as standbys.
 
 Handover keeps the order: the old owner stops reading the partition, finishes
 (acks or dead-letters) every message of it that it holds, and only then deletes
@@ -35,7 +37,6 @@ expires while it still holds messages, as with any lease without fencing.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -145,6 +146,10 @@ class Leases:
                 self.owned.add(stream)
                 self._signal()
 
+        # Join first and look again a moment later: consumers started together then
+        # see each other before taking partitions, and split them at once.
+        await self._join(transport, retry)
+        await asyncio.sleep(min(self.interval / 2, 0.25))
         try:
             async with asyncio.TaskGroup() as tg:
                 while True:
@@ -169,20 +174,7 @@ class Leases:
             The streams leased in this round (now in :attr:`taking`).
         """
         ttl_ms = max(round(self.ttl * 1000), 1)
-        now_ms = round(time.time() * 1000)
-        for s in self._sets:
-            replies = await retry.call(
-                f"ZADD {s.members_key}",
-                transport.pipeline,
-                [
-                    ("ZADD", s.members_key, now_ms + ttl_ms, self.consumer),
-                    ("ZREMRANGEBYSCORE", s.members_key, "-inf", now_ms),
-                    ("PEXPIRE", s.members_key, ttl_ms * 2),
-                    ("ZCARD", s.members_key),
-                ],
-            )
-            members = replies[3] if isinstance(replies[3], int) else 1
-            s.target = math.ceil(len(s.partitions) / max(members, 1))
+        await self._join(transport, retry)
         held = sorted(self.owned | self.taking | self.releasing)
         if held:
             renewals = [("EVAL", _RENEW, 1, self.lease_key(p), self.consumer, ttl_ms) for p in held]
@@ -237,6 +229,30 @@ class Leases:
         for s in self._sets:
             acquired += await self._acquire(s, transport, retry, ttl_ms)
         return acquired
+
+    async def _join(self, transport: Transport, retry: NetworkRetry) -> None:
+        """Renew this consumer's membership and size its share of each ordered stream."""
+        ttl_ms = max(round(self.ttl * 1000), 1)
+        now_ms = round(time.time() * 1000)
+        for s in self._sets:
+            replies = await retry.call(
+                f"ZADD {s.members_key}",
+                transport.pipeline,
+                [
+                    ("ZADD", s.members_key, now_ms + ttl_ms, self.consumer),
+                    ("ZREMRANGEBYSCORE", s.members_key, "-inf", now_ms),
+                    ("PEXPIRE", s.members_key, ttl_ms * 2),
+                    ("ZRANGE", s.members_key, 0, -1),
+                ],
+            )
+            raw = replies[3] if isinstance(replies[3], list) else []
+            members = sorted({m.decode() if isinstance(m, bytes) else str(m) for m in raw})
+            if self.consumer not in members:
+                members = sorted([*members, self.consumer])
+            # An even split by rank in name order: N // m each, one more for the
+            # first N % m. Every member computes the same shares, which add up to N.
+            n, m = len(s.partitions), len(members)
+            s.target = n // m + (1 if members.index(self.consumer) < n % m else 0)
 
     async def _acquire(
         self, s: _Set, transport: Transport, retry: NetworkRetry, ttl_ms: int
