@@ -141,6 +141,9 @@ class ClusterTransport(Transport):
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._masters: list[tuple[str, int]] = []
         self._stale = True
+        # Nodes that failed lately: asked for the slot map last, so that a dead
+        # (or black-holed) master does not delay every refresh of a failover.
+        self._suspects: set[tuple[str, int]] = set()
         self._refresh_lock = asyncio.Lock()
         self._slot_cache: dict[Any, int] = {}
         # Per slot: the master it was read from, and the Transport holding the
@@ -199,7 +202,8 @@ class ClusterTransport(Transport):
         async with self._refresh_lock:
             if not self._stale:
                 return
-            candidates = list(dict.fromkeys((*self._masters, *self._nodes, *self._seeds)))
+            known = dict.fromkeys((*self._masters, *self._nodes, *self._seeds))
+            candidates = sorted(known, key=lambda address: address in self._suspects)
             error: BaseException | None = None
             for address in candidates:
                 node = self._node(address)
@@ -208,8 +212,10 @@ class ClusterTransport(Transport):
                 except Exception as exc:
                     if not is_network_error(exc):
                         raise
+                    self._suspects.add(address)
                     error = exc
                     continue
+                self._suspects.discard(address)
                 if self._apply_slots(reply, address):
                     self._stale = False
                     return
@@ -277,10 +283,12 @@ class ClusterTransport(Transport):
 
     # -- commands ---------------------------------------------------------------
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, address: tuple[str, int] | None = None) -> None:
         if is_network_error(exc):
             # The topology may have changed (failover): reread it before the retry.
             self._stale = True
+            if address is not None:
+                self._suspects.add(address)
 
     async def execute(self, *args: Any) -> Any:
         """Send one command to the master of its key's slot and return the raw reply."""
@@ -302,7 +310,7 @@ class ClusterTransport(Transport):
                     raise replies[1] from None
                 return replies[1]
             except Exception as exc:
-                self._failed(exc)
+                self._failed(exc, self._address_of(node))
                 raise
         self._stale = True
         raise rex.TryAgainError(f"{args[0]}: redirected {_REDIRECTS} times; the cluster is moving")
@@ -345,7 +353,7 @@ class ClusterTransport(Transport):
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, Exception):
                         raise outcome
-                    self._failed(outcome)
+                    self._failed(outcome, address)
                     failure = failure or outcome
                     continue
                 for i, reply in zip(idxs, outcome, strict=True):
@@ -457,7 +465,7 @@ class ClusterTransport(Transport):
                 # The slot is being migrated; reading must wait until it is done.
                 raise rex.TryAgainError(f"{args[0]}: slot {slot} is migrating") from exc
             except Exception as exc:
-                self._failed(exc)
+                self._failed(exc, address)
                 raise
         self._stale = True
         raise rex.TryAgainError(f"{args[0]}: redirected {_REDIRECTS} times; the cluster is moving")

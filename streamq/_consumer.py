@@ -334,10 +334,13 @@ class AsyncConsumer:
                 partitioned stream's ``key_field``, ``"streamq-key"`` for a plain
                 stream) one at a time, in stream order, including across retries:
                 a failing message holds back the later messages of its key until it
-                succeeds, is discarded or is dead-lettered. Different keys still
-                run up to ``concurrency`` at once; messages without a key are not
-                ordered. Order is kept within this consumer; see the README for
-                several consumers in a group.
+                succeeds, is discarded or is dead-lettered (with ``max_retry < 0``,
+                a message that never succeeds holds its key back for good).
+                Different keys still run up to ``concurrency`` at once; messages
+                without a key are not ordered. Each ordered stream (each partition)
+                is leased to one consumer of the group at a time, so the order
+                holds across the group; partitions are shared out evenly among
+                the consumers that subscribe them.
 
         Raises:
             TypeError: A handler is not a coroutine function (or object with one).

@@ -271,3 +271,42 @@ async def test_held_messages_stay_bounded_with_a_reader_per_slot(
     assert consumer.stats().read == 600
     for stream in events.keys:
         assert await pending_of(cluster_client, stream) == 0
+
+
+async def test_moved_and_ask_redirections_are_followed(make_cluster: Any, key_prefix: str) -> None:
+    local: LocalCluster = make_cluster(masters=2)
+    client = local.client()
+    stream = f"{key_prefix}moving"
+    slot = key_slot(stream.encode())
+    seen: list[str] = []
+
+    async def handler(msg: Message) -> None:
+        seen.append(msg.id)
+
+    fast = {"backoff": FAST, "network_retry": -1}
+    consumer = make_consumer(client, start_id="0", read_timeout=0.2, **fast)
+    consumer.subscribe(stream, handler)
+    try:
+        async with AsyncPublisher(redis=client, **fast) as publisher, consumer:
+            await publisher.publish(Message(stream, {"n": 0}))
+            await wait_until(lambda: len(seen) == 1, what="first message")
+            by_port = {node.port: node for node in local.masters()}
+            src = by_port[master_port_of(local, stream)]
+            dst = next(node for port, node in by_port.items() if port != src.port)
+            src_id, dst_id = src.execute("CLUSTER", "MYID"), dst.execute("CLUSTER", "MYID")
+            dst.execute("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            src.execute("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", stream)
+            # The key lives on dst while the slot still belongs to src: ASK.
+            await publisher.publish(Message(stream, {"n": 1}))
+            await publisher.publish_many([Message(stream, {"n": 2})])
+            for node in (dst, src):
+                node.execute("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            # Now src answers MOVED; streamq follows it and rereads the slot map.
+            await publisher.publish(Message(stream, {"n": 3}))
+            await wait_until(lambda: len(seen) == 4, timeout=15, what="all four handled")
+        assert await client.xlen(stream) == 4
+        assert int((await client.xpending(stream, "g"))["pending"]) == 0
+        assert master_port_of(local, stream) == dst.port
+    finally:
+        await client.aclose()
