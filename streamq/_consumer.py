@@ -1042,7 +1042,11 @@ class AsyncConsumer:
                 self._in_flight += 1
                 busy[index] = True
                 try:
-                    await self._process(msg, deadline)
+                    if self._suspects:
+                        await self._process(msg, deadline)
+                    else:
+                        # The usual case, one coroutine frame shorter.
+                        await self._handle(msg, deadline)
                 except Exception as exc:
                     # Handler errors never get here (_call maps them to results):
                     # this is Redis refusing a dead-letter append or a counter
