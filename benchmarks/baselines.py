@@ -5,6 +5,7 @@
 * ``raw_queue``: an ``asyncio.Queue`` and 100 worker tasks, acks batched by an
   acker task (``per_message_ack=True``: one ``XACK`` per message instead).
 * ``faststream``: FastStream's ``StreamSub`` with a consumer group.
+* ``taskiq``: taskiq-redis' ``RedisStreamBroker`` with one taskiq receiver.
 * ``raw_publish_*``: awaited ``XADD``, pipelined ``XADD`` (1000 per round trip),
   and ``XADD`` from many tasks at once.
 * ``raw_latency``: the inline loop fed by a paced publisher, timing publish to handler.
@@ -176,6 +177,53 @@ async def faststream_consume(
             return meter.result(
                 "FastStream StreamSub", messages, extra={"max_records": max_records}
             )
+    finally:
+        await client.aclose()
+
+
+async def taskiq_consume(url: str, *, messages: int = 20_000, workers: int = 100) -> BenchResult:
+    """taskiq-redis 1.2's ``RedisStreamBroker`` with one taskiq ``Receiver`` (a worker).
+
+    The backlog holds taskiq's own messages (a no-op task, ~200 bytes of JSON); the
+    receiver runs up to ``workers`` tasks at once and acks each message on its own.
+    """
+    from taskiq.receiver import Receiver
+    from taskiq_redis import RedisStreamBroker
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        async with scratch_stream(url) as stream:
+            broker = RedisStreamBroker(
+                url, queue_name=stream, consumer_group_name=GROUP, consumer_name="c1"
+            )
+            seen = 0
+
+            @broker.task(task_name="noop")
+            async def noop(order_id: str, amount: str) -> None:
+                nonlocal seen
+                seen += 1
+
+            # One real kick gives taskiq's wire format; the backlog repeats it.
+            await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            await broker.startup()
+            await noop.kiq(order_id=PAYLOAD["order_id"], amount=PAYLOAD["amount"])
+            [(_, first)] = await client.xrange(stream, count=1)
+            await fill_stream(client, stream, messages - 1, {"data": first[b"data"]})
+            receiver = Receiver(broker, max_async_tasks=workers, run_startup=False)
+            finish = asyncio.Event()
+            async with Meter() as meter:
+                listener = asyncio.create_task(receiver.listen(finish))
+                while True:
+                    await asyncio.sleep(0.01)
+                    if seen >= messages:
+                        pending = await client.xpending(stream, GROUP)
+                        if int(pending["pending"]) == 0:
+                            break
+            finish.set()
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            await broker.shutdown()
+            return meter.result("taskiq-redis RedisStreamBroker", messages, extra={})
     finally:
         await client.aclose()
 

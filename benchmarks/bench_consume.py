@@ -1,4 +1,4 @@
-"""Consume throughput: streamq vs the raw redis-py ceiling, a raw queue design and FastStream.
+"""Consume throughput: streamq vs the raw redis-py ceiling, raw queue designs, FastStream, taskiq.
 
 A backlog of ~100-byte, 4-field messages, a no-op handler, concurrency 100.
 
@@ -39,6 +39,12 @@ def plan(args: argparse.Namespace) -> Plan:
         Case(
             "FastStream 0.7 StreamSub, group",
             "faststream",
+            {"messages": slow},
+            vs="raw inline (XREADGROUP 500, 1 XACK/read)",
+        ),
+        Case(
+            "taskiq-redis 1.2 stream broker, 1 worker",
+            "taskiq",
             {"messages": slow},
             vs="raw inline (XREADGROUP 500, 1 XACK/read)",
         ),

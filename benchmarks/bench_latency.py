@@ -5,7 +5,7 @@ stamped with ``time.monotonic_ns()``; the consumer records when its handler star
 streamq (concurrency 100, default buffer and read_timeout) vs the raw inline loop
 (``XREADGROUP BLOCK``, handler inline, one ``XACK`` per read).
 
-    python benchmarks/bench_latency.py [--quick] [--repeat N] [--rate R]
+    python benchmarks/bench_latency.py [--quick] [--repeat N]   # default 5 rounds
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def plan(args: argparse.Namespace) -> Plan:
             "latency_p99",
             "<=",
             2.0,
+            aggregate="medians",
         ),
     ]
     return cases, targets
 
 
 if __name__ == "__main__":
-    sys.exit(main("latency", "Latency: publish -> handler start at 5,000 msg/s", plan))
+    sys.exit(main("latency", "Latency: publish -> handler start at 5,000 msg/s", plan, 5))

@@ -225,7 +225,7 @@ async def fill_stream(
     client: aioredis.Redis,
     stream: str,
     count: int,
-    values: dict[str, str] | None = None,
+    values: dict[str, str | bytes] | None = None,
     *,
     group: str | None = None,
 ) -> None:
@@ -236,7 +236,7 @@ async def fill_stream(
     """
     if group is not None:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
-    flat: list[str] = []
+    flat: list[str | bytes] = []
     for k, v in (values or PAYLOAD).items():
         flat += [k, v]
     done = 0
