@@ -448,7 +448,7 @@ def spawn_paced_publisher(
     return subprocess.Popen([sys.executable, "-c", code, url, stream, str(rate), str(count)])
 
 
-async def measure_latency(
+async def _measure_latency(
     url: str,
     stream: str,
     group: str,
@@ -535,7 +535,7 @@ async def run_latency_benchmark(
                 proc = spawn_paced_publisher(url, stream, rate, count)
                 await asyncio.to_thread(proc.wait)
 
-            return await measure_latency(
+            return await _measure_latency(
                 url,
                 stream,
                 group,
