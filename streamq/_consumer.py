@@ -1595,6 +1595,11 @@ class AsyncConsumer:
                 return
 
 
+# A timer may run a little before its time: asyncio's by up to the clock's
+# resolution, uvloop's (millisecond timers) by up to a millisecond.
+_TIMER_SLACK = 0.001
+
+
 class _Deadline:
     """The ``handler_timeout`` of one worker: a lazily armed timer shared by its messages.
 
@@ -1630,8 +1635,7 @@ class _Deadline:
         if not due:
             return  # idle: the next handler arms a new timer
         loop = self._loop
-        # The loop runs timers up to one clock resolution early.
-        if due - loop.time() > loop._clock_resolution:  # type: ignore[attr-defined]
+        if due - loop.time() > _TIMER_SLACK:
             self.timer = loop.call_at(due, self._fire)  # a later handler is running
             return
         self.due = 0.0
