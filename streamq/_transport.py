@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
@@ -60,6 +61,20 @@ _POOL_OWNED = (
     "orig_socket_connect_timeout",
     "himport_registry",
 )
+
+
+# Failures of a connection (not of a command): the other idle ones are suspect too.
+_CONNECTION_FAILURES = (rex.ConnectionError, rex.TimeoutError, OSError)
+
+
+def _closed_by_peer(conn: AbstractConnection) -> bool:
+    """Whether the server already closed this idle connection (seen as EOF on it).
+
+    Cheap enough for every reuse, unlike redis-py's pool, which probes each
+    connection it hands out with a read attempt.
+    """
+    reader = getattr(conn, "_reader", None)  # redis-py's asyncio StreamReader
+    return isinstance(reader, asyncio.StreamReader) and reader.at_eof()
 
 
 class Transport:
@@ -136,7 +151,14 @@ class Transport:
         """
         packed = pack_commands(commands, self._encoding, self._encoding_errors)
         idle = self._idle
-        conn = idle.pop() if idle else self._new_connection()
+        while idle:
+            conn = idle.pop()
+            if not _closed_by_peer(conn):
+                break
+            # The server closed it while it sat idle (timeout, CLIENT KILL, restart).
+            await conn.disconnect(nowait=True)
+        else:
+            conn = self._new_connection()
         replies: list[Any] = []
         try:
             async with asyncio.timeout(self.command_timeout):
@@ -146,8 +168,14 @@ class Transport:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:
                         replies.append(exc)
-        except BaseException:
+        except BaseException as exc:
             await conn.disconnect(nowait=True)
+            if isinstance(exc, _CONNECTION_FAILURES):
+                # Whatever broke this one (a restart, a failover, a network cut)
+                # most likely broke the idle ones too: the retry starts afresh.
+                idle, self._idle = self._idle, []
+                for stale in idle:
+                    await stale.disconnect(nowait=True)
             raise
         if self._closed or len(idle) >= _MAX_IDLE:
             # After aclose() commands still work (as with redis-py's pool), but

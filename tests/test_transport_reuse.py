@@ -1,0 +1,71 @@
+"""The transport's own connection reuse (see ``Transport._round_trip``).
+
+streamq keeps a free list of connections instead of redis-py's pool; these tests
+check what the pool used to guarantee: a connection the server closed while idle
+is replaced without the command failing, and a failed exchange never hands a
+half-read connection to the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio
+
+from streamq._servers import LocalRedis
+from streamq._transport import Transport, open_transport
+
+pytestmark = pytest.mark.anyio
+
+
+async def _kill_named(admin: redis.asyncio.Redis, name: str) -> int:
+    killed = 0
+    for client in await admin.client_list():
+        if client.get("name") == name:
+            await admin.client_kill_filter(_id=client["id"])
+            killed += 1
+    return killed
+
+
+async def _open_connections(transport: Transport, n: int) -> None:
+    # Commands in flight at once each take a connection of their own.
+    await asyncio.gather(*(transport.execute("PING") for _ in range(n)))
+
+
+async def test_idle_connections_the_server_closed_are_replaced_silently(
+    redis_server: LocalRedis, redis_client: redis.asyncio.Redis
+) -> None:
+    client = redis_server.client(client_name="streamq-reuse-test")
+    transport = open_transport(client, command_timeout=5.0)
+    try:
+        await _open_connections(transport, 4)
+        assert await _kill_named(redis_client, "streamq-reuse-test") >= 4
+        await asyncio.sleep(0.05)  # let the loop see the connections close
+        for _ in range(6):
+            assert await transport.execute("PING") == b"PONG"
+    finally:
+        await transport.aclose()
+        await client.aclose()
+
+
+async def test_after_a_failed_exchange_idle_connections_are_not_trusted(
+    redis_server: LocalRedis, redis_client: redis.asyncio.Redis
+) -> None:
+    # Killed without the loop having seen it yet (no pause): the first command may
+    # fail, but only once: the other idle connections are dropped with it.
+    client = redis_server.client(client_name="streamq-reuse-test-2")
+    transport = open_transport(client, command_timeout=5.0)
+    try:
+        await _open_connections(transport, 4)
+        await _kill_named(redis_client, "streamq-reuse-test-2")
+        failures = 0
+        for _ in range(6):
+            try:
+                assert await transport.execute("PING") == b"PONG"
+            except (redis.ConnectionError, ConnectionError):
+                failures += 1
+        assert failures <= 1
+    finally:
+        await transport.aclose()
+        await client.aclose()
