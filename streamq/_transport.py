@@ -49,6 +49,10 @@ Command = Sequence[Any]
 # Idle connections kept for reuse; more are opened while more commands are in
 # flight at once, and closed when they come back to a full free list.
 _MAX_IDLE = 16
+# Round trips in flight at once (one connection each); more wait for a turn
+# instead of opening connections without bound (or failing, as redis-py's
+# pool does beyond its max_connections).
+_MAX_IN_FLIGHT = 64
 
 
 _POOL_OWNED = (
@@ -115,6 +119,7 @@ class Transport:
         self.client.response_callbacks = CaseInsensitiveDict({})
         self._blocking: AbstractConnection | None = None
         self._idle: list[AbstractConnection] = []
+        self._turns = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._closed = False
         encoder = self.pool.get_encoder()  # type: ignore[no-untyped-call]
         self._encoding: str = encoder.encoding
@@ -150,6 +155,13 @@ class Transport:
         mid-exchange may hold half a reply: it is closed, never reused.
         """
         packed = pack_commands(commands, self._encoding, self._encoding_errors)
+        await self._turns.acquire()
+        try:
+            return await self._exchange(packed, len(commands))
+        finally:
+            self._turns.release()
+
+    async def _exchange(self, packed: bytes, count: int) -> list[Any]:
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -163,7 +175,7 @@ class Transport:
         try:
             async with asyncio.timeout(self.command_timeout):
                 await conn.send_packed_command(packed, check_health=False)
-                for _ in range(len(commands)):
+                for _ in range(count):
                     try:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:
@@ -177,6 +189,7 @@ class Transport:
                 for stale in idle:
                     await stale.disconnect(nowait=True)
             raise
+        idle = self._idle  # not the local one: a failure elsewhere may have replaced it
         if self._closed or len(idle) >= _MAX_IDLE:
             # After aclose() commands still work (as with redis-py's pool), but
             # leave nothing open behind them.

@@ -69,3 +69,30 @@ async def test_after_a_failed_exchange_idle_connections_are_not_trusted(
     finally:
         await transport.aclose()
         await client.aclose()
+
+
+async def test_commands_in_flight_at_once_share_a_bounded_set_of_connections(
+    redis_server: LocalRedis, redis_client: redis.asyncio.Redis, key_prefix: str
+) -> None:
+    name = "streamq-reuse-test-3"
+    client = redis_server.client(client_name=name)
+    transport = open_transport(client, command_timeout=5.0)
+
+    async def connections() -> int:
+        return sum(c.get("name") == name for c in await redis_client.client_list())
+
+    try:
+        # 200 commands that each hold their connection for 50 ms.
+        burst = asyncio.gather(
+            *(transport.execute("BLPOP", f"{key_prefix}none", "0.05") for _ in range(200))
+        )
+        peak = 0
+        while not burst.done():
+            peak = max(peak, await connections())
+            await asyncio.sleep(0.01)
+        assert await burst == [None] * 200
+        assert 0 < peak <= 64
+        assert await connections() <= 16  # the rest closed as they came back
+    finally:
+        await transport.aclose()
+        await client.aclose()
