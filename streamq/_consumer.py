@@ -6,7 +6,8 @@ How one consumer is put together (all tasks belong to one task group):
   (``XREADGROUP ... 0``), then new ones (``>``), never asking for more than the
   free capacity ``buffer_size + concurrency - held``;
 * ``concurrency`` **workers** take messages from an ``asyncio.Queue`` and run the
-  handler under ``asyncio.timeout``;
+  handler under ``handler_timeout`` (one lazily armed timer per worker, see
+  ``_Deadline``: cheaper than an ``asyncio.timeout`` per message);
 * the **acker** coalesces acknowledgements (``_acker.py``);
 * the **retrier** holds failed messages until their backoff ends, without a
   worker, then re-claims them to itself with ``XCLAIM`` so Redis counts the
