@@ -3,7 +3,8 @@
 A worker arms one timer and re-arms it for whichever handler runs when it fires,
 so these tests check the cases that shortcut could get wrong: handlers that
 together outlast the timeout, a timeout after a timeout, a handler that swallows
-the cancellation, and the consumer being closed while a deadline is armed.
+the cancellation, the consumer being closed while a deadline is armed, and a
+deadline that fires just as its handler ends.
 """
 
 from __future__ import annotations
@@ -120,3 +121,23 @@ async def test_close_during_an_armed_deadline_leaves_the_message_pending(
     assert consumer.stats().acked == 0
     assert drain_errors(consumer) == []
     assert await pending_count(redis_client, stream_name) == 1
+
+
+async def test_a_deadline_that_fires_as_the_handler_ends_is_called_off() -> None:
+    # The timer may fire up to its slack before the due time and leave the last
+    # step to asyncio.timeout; a handler ending in between keeps its outcome and
+    # the worker is not cancelled later by that stale deadline.
+    from streamq._consumer import _Deadline
+
+    deadline = _Deadline()
+    await deadline.open()
+    loop = asyncio.get_running_loop()
+    deadline.due = loop.time() + 0.0005  # a handler runs, due within the timer's slack
+    deadline._fire()
+    assert deadline.fired
+    assert await deadline.renew(None) is False
+    await asyncio.sleep(0.01)  # would raise CancelledError if the scope still fired
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    await deadline.close()
