@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._consumer import DEAD_FIELDS
+from ._dead_letter import DEAD_FIELDS
 from ._errors import StreamqError, convert, is_nogroup
 from ._transport import Transport
 from ._trim import TrimResult, safe_trim, safe_trim_point

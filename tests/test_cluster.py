@@ -265,7 +265,7 @@ async def test_held_messages_stay_bounded_with_a_reader_per_slot(
         while consumer.stats().acked < 600:
             stats = consumer.stats()
             assert stats.read - stats.acked - stats.pending_acks <= bound
-            assert len(consumer._held) + consumer._reserved <= bound
+            assert len(consumer._holding.messages) + consumer._holding.reserved <= bound
             await asyncio.sleep(0.002)
     assert peak <= bound
     assert consumer.stats().read == 600

@@ -1,4 +1,4 @@
-"""handler_timeout through each worker's lazily armed deadline (see ``_Deadline``).
+"""handler_timeout through each worker's lazily armed deadline (see ``streamq._deadline``).
 
 A worker arms one timer and re-arms it for whichever handler runs when it fires,
 so these tests check the cases that shortcut could get wrong: handlers that
@@ -127,9 +127,9 @@ async def test_a_deadline_that_fires_as_the_handler_ends_is_called_off() -> None
     # The timer may fire up to its slack before the due time and leave the last
     # step to asyncio.timeout; a handler ending in between keeps its outcome and
     # the worker is not cancelled later by that stale deadline.
-    from streamq._consumer import _Deadline
+    from streamq._deadline import Deadline
 
-    deadline = _Deadline()
+    deadline = Deadline()
     await deadline.open()
     loop = asyncio.get_running_loop()
     deadline.due = loop.time() + 0.0005  # a handler runs, due within the timer's slack

@@ -200,7 +200,7 @@ async def check_per_key_order(client: Any, prefix: str, *, partitions: int) -> N
         assert handled[key] == list(range(sequence[key])), key
     assert overlap > 1  # different keys did run concurrently
     assert consumer.stats().retried > 0
-    assert consumer._lanes.parked == 0
+    assert consumer._holding.lanes.parked == 0
     for stream in orders.keys:
         assert int((await client.xpending(stream, "g"))["pending"]) == 0
 
@@ -241,18 +241,20 @@ async def check_handover(redis_client: Any, key_prefix: str) -> None:
     c1.subscribe(orders, handler, ordered_by_key=True)
     c2.subscribe(orders, handler, ordered_by_key=True)
     async with AsyncPublisher(redis=redis_client) as publisher, c1:
-        await wait_until(lambda: c1._leases.owned == set(orders.keys), what="c1 owns all")
+        await wait_until(lambda: c1._shared.leases.owned == set(orders.keys), what="c1 owns all")
         await publish(publisher, 100)
         async with c2:
             await publish(publisher, 100)
             await wait_until(
-                lambda: len(c1._leases.owned) == len(c2._leases.owned) == 2,
+                lambda: len(c1._shared.leases.owned) == len(c2._shared.leases.owned) == 2,
                 what="two partitions each",
             )
-            assert c1._leases.owned.isdisjoint(c2._leases.owned)
+            assert c1._shared.leases.owned.isdisjoint(c2._shared.leases.owned)
             await publish(publisher, 100)
         # c2 left cleanly: its partitions come back to c1 at once (no lease expiry).
-        await wait_until(lambda: c1._leases.owned == set(orders.keys), what="c1 owns all again")
+        await wait_until(
+            lambda: c1._shared.leases.owned == set(orders.keys), what="c1 owns all again"
+        )
         await publish(publisher, 100)
         await wait_until(lambda: sum(map(len, handled.values())) == 400, what="400 handled")
     for key, seqs in handled.items():
