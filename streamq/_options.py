@@ -118,7 +118,9 @@ class ConsumerOptions:
             ``0`` never retries, ``< 0`` retries forever.
         command_timeout: Seconds to wait for Redis to answer an ordinary command
             before the connection is considered stalled and the command retried
-            (default 10.0). Blocking reads wait ``read_timeout`` plus this.
+            (default 10.0). Blocking reads wait ``read_timeout`` plus this, and
+            at least ``read_timeout`` + 1 s (Redis answers an expired block up to
+            100 ms late).
         start_id: Where a group that streamq creates starts: ``"$"`` (default: only
             entries added after the group exists), ``"0"`` (the whole history), or
             an entry ID. With ``"$"``, entries published before the first consumer

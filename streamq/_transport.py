@@ -67,6 +67,11 @@ _POOL_OWNED = (
 )
 
 
+# Slack a blocking read gets beyond its block time, however small command_timeout
+# is: Redis answers a timed-out BLOCK on its next timer tick, up to 1/hz (100 ms
+# by default) late, and more on a busy server.
+_BLOCK_SLACK = 1.0
+
 # Failures of a connection (not of a command): the other idle ones are suspect too.
 _CONNECTION_FAILURES = (rex.ConnectionError, rex.TimeoutError, OSError)
 
@@ -221,8 +226,8 @@ class Transport:
         Args:
             args: The command.
             block: The command's own block time in seconds (0: forever). The reply
-                is awaited that long plus ``command_timeout``; a reply that takes
-                longer means a stalled connection, which is dropped.
+                is awaited that long plus ``command_timeout`` (at least 1 s); a
+                reply that takes longer means a stalled connection, which is dropped.
 
         Raises:
             TimeoutError: The server did not answer in time.
@@ -230,7 +235,7 @@ class Transport:
         conn = self._blocking
         if conn is None:
             conn = self._blocking = self._new_connection()
-        deadline = None if block == 0 else block + self.command_timeout
+        deadline = None if block == 0 else block + max(self.command_timeout, _BLOCK_SLACK)
         packed = pack_commands([args], self._encoding, self._encoding_errors)
         try:
             # read_response(timeout=...) returns None on expiry and keeps the

@@ -122,8 +122,8 @@ async def test_a_stalled_read_is_given_up_after_read_timeout_plus_command_timeou
             async def noticed() -> bool:
                 return bool(timed_out())
 
-            # read_timeout + command_timeout = 0.8 s; the deadline leaves room for a
-            # slow machine, not for a hang.
+            # read_timeout + max(command_timeout, 1 s) = 1.3 s; the deadline leaves
+            # room for a slow machine, not for a hang.
             await wait_until(noticed, 5, "the stalled read timed out")
             noticed_after = time.monotonic() - stalled_at
             proxy.blackhole(False)

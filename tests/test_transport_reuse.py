@@ -96,3 +96,19 @@ async def test_commands_in_flight_at_once_share_a_bounded_set_of_connections(
     finally:
         await transport.aclose()
         await client.aclose()
+
+
+async def test_an_idle_blocking_read_is_not_cut_by_a_small_command_timeout(
+    redis_client: redis.asyncio.Redis, stream_name: str
+) -> None:
+    # Redis answers a timed-out BLOCK on its next timer tick (up to 1/hz = 100 ms
+    # late): the read's deadline keeps at least 1 s of slack beyond its block time,
+    # whatever command_timeout is.
+    await redis_client.xgroup_create(stream_name, "g", id="$", mkstream=True)
+    transport = open_transport(redis_client, command_timeout=0.01)
+    try:
+        args = ["XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 100, "STREAMS"]
+        for _ in range(5):
+            assert await transport.blocking([*args, stream_name, ">"], 0.1) is None
+    finally:
+        await transport.aclose()
