@@ -255,6 +255,10 @@ class AsyncConsumer:
             NetworkError: Redis stayed unreachable through ``network_retry`` retries.
             RedisError: Redis refused an operation for good (WRONGTYPE, NOPERM, ...).
             ClosedError: ``listen()`` was already called, or the consumer is closed.
+            BaseException: A handler raised one that is not an ``Exception``
+                (``KeyboardInterrupt``, ``SystemExit``, ...): it is re-raised as it
+                is, not in an exception group, after the same cleanup as a
+                cancellation (its message stays pending).
         """
         if self._state is not ConsumerState.NEW:
             raise ClosedError(f"listen(): the consumer is already {self._state.value}")
@@ -373,6 +377,13 @@ class AsyncConsumer:
                     graceful = True
                 finally:
                     await self._shutdown(workers, tasks, background, ack_task, graceful=graceful)
+        except BaseExceptionGroup as group:
+            # Only a BaseException that is not an Exception gets here (a handler's
+            # KeyboardInterrupt, SystemExit...): every Exception becomes a result
+            # or a fatal error. Raise it as it was raised, not wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._state = ConsumerState.CLOSING
             await claimer.release_leases()

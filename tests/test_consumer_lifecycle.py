@@ -245,6 +245,31 @@ async def test_fatal_error_while_running(redis_client: Client, stream_name: str)
         await run()
 
 
+class _Abort(BaseException):
+    """Not an Exception: like KeyboardInterrupt or SystemExit, it must not be swallowed."""
+
+
+async def test_a_base_exception_from_a_handler_is_raised_bare_after_cleanup(
+    redis_client: Client, stream_name: str
+) -> None:
+    ids = await add(redis_client, stream_name, 3)
+
+    async def handler(msg: Message) -> None:
+        if msg.id == ids[2]:
+            raise _Abort("stop the process")
+
+    consumer = make_consumer(redis_client, start_id="0", concurrency=1)
+    consumer.subscribe(stream_name, handler)
+    with pytest.raises(_Abort, match="stop the process"):
+        await asyncio.wait_for(consumer.listen(), 10)
+    assert consumer.state is ConsumerState.CLOSED
+    # The usual cleanup ran: the finished messages are acked, the interrupted one
+    # stays pending for the next start.
+    assert [entry["id"] for entry in await pending(redis_client, stream_name)] == [ids[2]]
+    assert consumer.stats().acked == 2
+    await consumer.aclose()
+
+
 # -- vanished groups and streams ------------------------------------------------------
 
 
