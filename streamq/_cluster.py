@@ -46,7 +46,7 @@ from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
 
 from ._errors import is_network_error
-from ._transport import Command, ServerInfo, Transport
+from ._transport import Command, ServerInfo, Transport, send_retrying
 
 if TYPE_CHECKING:
     from ._retry import NetworkRetry
@@ -281,6 +281,10 @@ class ClusterTransport(Transport):
         """The master ``(host, port)`` currently serving each key (from the slot map)."""
         return {key: addr for key in keys if (addr := self._slots[self.slot(key)]) is not None}
 
+    def master_of(self, key: Any) -> tuple[str, int] | None:
+        """The master ``(host, port)`` serving ``key``; None until the slot map is read."""
+        return self._slots[self.slot(key)]
+
     # -- commands ---------------------------------------------------------------
 
     def _failed(self, exc: BaseException, address: tuple[str, int] | None = None) -> None:
@@ -396,12 +400,19 @@ class ClusterTransport(Transport):
         return [replies[k] for k in keep]
 
     async def pipeline_retrying(
-        self, what: str, commands: Sequence[Command], retry: NetworkRetry
+        self,
+        what: str,
+        commands: Sequence[Command],
+        retry: NetworkRetry,
+        *,
+        resend_refused: bool = False,
     ) -> list[Any]:
         """Like :meth:`pipeline`, each master's part retried on its own by ``retry``.
 
         A master that is failing over delays only its own commands' retries; what a
-        healthy master already executed is never sent twice.
+        healthy master already executed is never sent twice. ``resend_refused``: as
+        for :meth:`Transport.pipeline_retrying`; a master that stayed unreachable
+        then fails only its own commands (they hold the error).
         """
         if not commands:
             return []
@@ -412,23 +423,32 @@ class ClusterTransport(Transport):
             slot = self._slot_of(cmd)
             groups.setdefault(None if slot is None else self._slots[slot], []).append(i)
         if len(groups) == 1:
-            return await retry.call(what, self.pipeline, commands)
+            return await send_retrying(what, commands, retry, self.pipeline, resend_refused)
         parts = list(groups.values())
         outcomes = await asyncio.gather(
-            *(retry.call(what, self.pipeline, [commands[i] for i in idxs]) for idxs in parts),
+            *(
+                send_retrying(
+                    what, [commands[i] for i in idxs], retry, self.pipeline, resend_refused
+                )
+                for idxs in parts
+            ),
             return_exceptions=True,
         )
         results: list[Any] = [None] * len(commands)
         failure: BaseException | None = None
+        ran = False
         for idxs, outcome in zip(parts, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
                     raise outcome
                 failure = failure or outcome
+                for i in idxs:
+                    results[i] = outcome
                 continue
+            ran = True
             for i, reply in zip(idxs, outcome, strict=True):
                 results[i] = reply
-        if failure is not None:
+        if failure is not None and not (resend_refused and ran):
             raise failure
         return results
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._cluster import ClusterTransport
 from ._errors import ClosedError, StreamqError, convert
 from ._errorstream import ErrorStream
 from ._message import Message, validate_stream_name, validate_values
@@ -21,6 +22,23 @@ __all__ = ["AsyncPublisher", "PublisherStats"]
 
 # Entries per pipelined round trip in publish_many and in coalesced batches.
 _BATCH = 1000
+
+_Waiting = tuple[list[Any], asyncio.Future[str]]
+
+
+class _Lane:
+    """Coalesced publishes bound for one master, and the task sending them in rounds.
+
+    A standalone server has one lane. On a cluster each master has its own, so a
+    master that is failing over holds up only the publishes routed to it, never a
+    round of another master's.
+    """
+
+    __slots__ = ("task", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[_Waiting] = []
+        self.task: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +71,9 @@ class AsyncPublisher:
     tasks are coalesced into pipelined round trips automatically (each caller still
     gets its own ID back). ``publish_many`` sends a list in as few round trips as
     possible. Network failures are retried (``network_retry``) and reported to
-    ``errors()``; a publish that returned an ID is stored in Redis.
+    ``errors()``; a publish that returned an ID is stored in Redis. On a Redis
+    Cluster each master's publishes are coalesced apart: a master that is down or
+    failing over delays only the publishes routed to it.
 
     Use it as ``async with AsyncPublisher(redis=client) as publisher: ...`` or call
     ``await publisher.aclose()`` when done.
@@ -72,8 +92,12 @@ class AsyncPublisher:
         self._transport: Transport | None = None
         self._closed = False
         self._direct_busy = False
-        self._waiting: list[tuple[list[Any], asyncio.Future[str]]] = []
-        self._round: asyncio.Task[None] | None = None
+        # Lanes by master address (None: a standalone server, or a cluster slot
+        # map not read yet); a lane is dropped when its last round ends.
+        self._lanes: dict[Any, _Lane] = {}
+        self._route: Callable[[str], Any] | None = None
+        # Entries waiting in any lane, not yet sent.
+        self._queued = 0
         self._trim_tasks: set[asyncio.Task[None]] = set()
         self._since_trim: dict[str, int] = {}
         # Streams with a trim running, and whether another was asked for meanwhile.
@@ -109,7 +133,7 @@ class AsyncPublisher:
             ClosedError: The publisher is closed.
         """
         args = self._prepare(msg)
-        if not self._direct_busy and not self._waiting:
+        if not self._direct_busy and not self._queued:
             # Nothing else in flight: one plain awaited XADD, no batching overhead.
             self._direct_busy = True
             try:
@@ -173,7 +197,8 @@ class AsyncPublisher:
         if self._closed:
             return
         self._closed = True
-        pending = [t for t in (self._round, *self._trim_tasks) if t is not None]
+        rounds = [lane.task for lane in self._lanes.values()]
+        pending = [t for t in (*rounds, *self._trim_tasks) if t is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._transport is not None:
@@ -194,7 +219,10 @@ class AsyncPublisher:
         if self._closed:
             raise ClosedError("the publisher is closed")
         if self._transport is None:
-            self._transport = open_transport(self.options.redis, self.options.command_timeout)
+            transport = open_transport(self.options.redis, self.options.command_timeout)
+            if isinstance(transport, ClusterTransport):
+                self._route = transport.master_of
+            self._transport = transport
         return self._transport
 
     def _prepare(self, msg: Message) -> list[Any]:
@@ -228,7 +256,11 @@ class AsyncPublisher:
         transport = self._get_transport()
         # On a cluster each master's part is retried alone: entries a healthy
         # master stored are not sent again while another one fails over.
-        replies = await transport.pipeline_retrying(f"XADD x{len(batch)}", batch, self._retry)
+        # Entries refused with CLUSTERDOWN, TRYAGAIN... (a failover) are sent again:
+        # they did not run, and a publish fails only once network_retry is spent.
+        replies = await transport.pipeline_retrying(
+            f"XADD x{len(batch)}", batch, self._retry, resend_refused=True
+        )
         if len(batch) > 1:
             self._batches += 1
         out: list[Any] = []
@@ -243,23 +275,32 @@ class AsyncPublisher:
     async def _enqueue(self, args: list[Any]) -> str:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         entry = (args, fut)
-        self._waiting.append(entry)
-        if self._round is None:
+        route = self._route
+        key = None if route is None else route(args[1])
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.waiting.append(entry)
+        self._queued += 1
+        if lane.task is None:
             # The round task belongs to this publisher; aclose() awaits it.
-            self._round = asyncio.ensure_future(self._run_rounds())
+            lane.task = asyncio.ensure_future(self._run_rounds(key, lane))
         try:
             return await fut
         except asyncio.CancelledError:
             # Not sent yet: withdraw it so a cancelled publish stores nothing.
             with contextlib.suppress(ValueError):
-                self._waiting.remove(entry)
+                lane.waiting.remove(entry)
+                self._queued -= 1
             raise
 
-    async def _run_rounds(self) -> None:
+    async def _run_rounds(self, key: Any, lane: _Lane) -> None:
+        waiting = lane.waiting
         try:
-            while self._waiting:
-                batch = self._waiting[:_BATCH]
-                del self._waiting[:_BATCH]
+            while waiting:
+                batch = waiting[:_BATCH]
+                del waiting[:_BATCH]
+                self._queued -= len(batch)
                 try:
                     replies = await self._send_batch([args for args, _ in batch])
                 except BaseException as exc:
@@ -279,7 +320,9 @@ class AsyncPublisher:
                     else:
                         fut.set_result(reply)
         finally:
-            self._round = None
+            lane.task = None
+            if not waiting and self._lanes.get(key) is lane:
+                del self._lanes[key]
 
     def _after_publish(self, stream: str, count: int) -> None:
         opts = self.options

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ from redis.client import CaseInsensitiveDict
 from redis.exceptions import ResponseError
 
 from ._capabilities import ServerInfo, detect, require_commands
+from ._errors import is_network_error
 from ._resp import pack_commands
 
 if TYPE_CHECKING:
@@ -211,10 +212,24 @@ class Transport:
         return conn
 
     async def pipeline_retrying(
-        self, what: str, commands: Sequence[Command], retry: NetworkRetry
+        self,
+        what: str,
+        commands: Sequence[Command],
+        retry: NetworkRetry,
+        *,
+        resend_refused: bool = False,
     ) -> list[Any]:
-        """:meth:`pipeline` under ``retry`` (a cluster retries each master's part alone)."""
-        return await retry.call(what, self.pipeline, commands)
+        """:meth:`pipeline` under ``retry`` (a cluster retries each master's part alone).
+
+        Args:
+            what: What is being done, for error texts.
+            commands: The commands.
+            retry: The retry policy.
+            resend_refused: Also retry the commands that Redis refused with a
+                transient error, and once retries run out return what ran, the
+                rest holding the error (see :func:`send_retrying`).
+        """
+        return await send_retrying(what, commands, retry, self.pipeline, resend_refused)
 
     def slot_groups(self, streams: Iterable[str]) -> list[list[str]]:
         """Streams that one multi-key command may name together: all of them here."""
@@ -280,6 +295,51 @@ class Transport:
         await self.pool.disconnect()
         if self._owned:
             await self._user_client.aclose()
+
+
+async def send_retrying(
+    what: str,
+    commands: Sequence[Command],
+    retry: NetworkRetry,
+    send: Callable[[Sequence[Command]], Awaitable[list[Any]]],
+    resend_refused: bool,
+) -> list[Any]:
+    """``send(commands)`` under ``retry``; per-command errors are returned, not raised.
+
+    With ``resend_refused``, commands that Redis refused with a transient error
+    (``CLUSTERDOWN``, ``TRYAGAIN``, ``READONLY``, ``MASTERDOWN``) are sent again,
+    alone, under the same retry budget: a refused command did not run, so this
+    duplicates nothing. When the budget runs out after some commands ran, their
+    replies are returned and the unfinished ones hold the final error.
+    """
+    if not resend_refused:
+        return await retry.call(what, send, commands)
+    results: list[Any] = [None] * len(commands)
+    todo = list(range(len(commands)))
+
+    async def attempt() -> list[Any]:
+        nonlocal todo
+        replies = await send(
+            commands if len(todo) == len(commands) else [commands[i] for i in todo]
+        )
+        refused = []
+        for i, reply in zip(todo, replies, strict=True):
+            results[i] = reply
+            if isinstance(reply, Exception) and is_network_error(reply):
+                refused.append(i)
+        todo = refused
+        if refused:
+            raise results[refused[0]]
+        return results
+
+    try:
+        return await retry.call(what, attempt)
+    except Exception as exc:
+        if len(todo) == len(commands):
+            raise
+        for i in todo:
+            results[i] = exc
+        return results
 
 
 def open_transport(redis: aioredis.Redis | RedisCluster | str, command_timeout: float) -> Transport:

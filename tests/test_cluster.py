@@ -23,6 +23,7 @@ from streamq import (
     DeadLetteredError,
     GroupRecreatedError,
     Message,
+    NetworkError,
     PartitionedStream,
     fail,
 )
@@ -308,5 +309,78 @@ async def test_moved_and_ask_redirections_are_followed(make_cluster: Any, key_pr
         assert await client.xlen(stream) == 4
         assert int((await client.xpending(stream, "g"))["pending"]) == 0
         assert master_port_of(local, stream) == dst.port
+    finally:
+        await client.aclose()
+
+
+async def test_a_dead_master_delays_only_its_own_publishes(
+    make_cluster: Any, key_prefix: str
+) -> None:
+    # Without full coverage the surviving masters keep serving while one is down,
+    # however long the test takes (no replica, so no failover either).
+    local: LocalCluster = make_cluster(
+        masters=3, extra_args=["--cluster-require-full-coverage", "no"]
+    )
+    client = local.client()
+    down, up_1, up_2 = spread_streams(key_prefix)
+    dead = local.masters()[0]
+    assert dead.port == master_port_of(local, down)
+    patient = {"backoff": FAST, "network_retry": -1, "command_timeout": 1.0}
+    try:
+        async with AsyncPublisher(redis=client, **patient) as publisher:
+            try:
+                await publisher.publish(Message(up_1, {"n": -1}))  # reads the slot map
+                dead.kill()
+                stuck = [
+                    asyncio.ensure_future(publisher.publish(Message(down, {"n": i})))
+                    for i in range(50)
+                ]
+                await wait_until(
+                    lambda: publisher.stats().errors_reported > 0, what="retries to the dead master"
+                )
+                # Coalesced (the dead master's publishes are in flight), yet not held up.
+                healthy = [Message((up_1, up_2)[i % 2], {"n": i}) for i in range(400)]
+                burst = asyncio.ensure_future(asyncio.gather(*map(publisher.publish, healthy)))
+                await wait_until(burst.done, timeout=20, what="publishes to the healthy masters")
+                assert all(isinstance(entry_id, str) for entry_id in burst.result())
+                assert not any(task.done() for task in stuck)
+
+                # A publisher that gives up: each publish to the dead master raises,
+                # alone or coalesced, and those to the healthy masters still succeed.
+                async with AsyncPublisher(
+                    redis=client, backoff=FAST, network_retry=2, command_timeout=1.0
+                ) as impatient:
+                    mixed = [Message((down, up_2)[i % 2], {"n": f"x{i}"}) for i in range(20)]
+                    outcomes = await asyncio.gather(
+                        *map(impatient.publish, mixed), return_exceptions=True
+                    )
+                for msg, outcome in zip(mixed, outcomes, strict=True):
+                    if msg.stream == down:
+                        assert isinstance(outcome, NetworkError), outcome
+                    else:
+                        assert isinstance(outcome, str), outcome
+                        healthy.append(msg)
+                assert not any(task.done() for task in stuck)
+            finally:
+                # Also on failure: aclose() waits for the publishes still retrying.
+                if not dead.running:
+                    await asyncio.to_thread(dead.restart)
+            # Back after a restart (empty, no persistence here): the retries succeed.
+            await wait_until(
+                lambda: all(task.done() for task in stuck),
+                timeout=30,
+                what="the dead master's publishes, after its restart",
+            )
+            ids = [task.result() for task in stuck]
+        # Every publish that returned an ID is stored.
+        expected: dict[str, set[str]] = defaultdict(set)
+        for msg in healthy:
+            expected[msg.stream].add(msg.id)
+        expected[down].update(ids)
+        for stream, wanted in expected.items():
+            stored = {entry_id.decode() for entry_id, _ in await client.xrange(stream)}
+            assert wanted <= stored, stream
+        assert sum(map(len, expected.values())) == 50 + 400 + 10
+        assert await client.xlen(down) == 50
     finally:
         await client.aclose()

@@ -292,6 +292,29 @@ async def test_concurrent_publishes_fail_together(stream_name: str) -> None:
     await pub.aclose()
 
 
+async def test_coalesced_publishes_refused_during_a_failover_are_retried(
+    make_server: Any, stream_name: str
+) -> None:
+    # A master demoted to a replica answers READONLY to each XADD of a pipeline:
+    # those did not run, so they are sent again until it takes writes again.
+    server = make_server()
+    server.execute("REPLICAOF", "127.0.0.1", free_port())
+    async with publisher(server.url, network_retry=-1) as pub:
+        tasks = [
+            asyncio.ensure_future(pub.publish(Message(stream_name, {"n": i}))) for i in range(50)
+        ]
+        await wait_until(lambda: pub.stats().errors_reported >= 4, what="retries")
+        assert not any(task.done() for task in tasks)
+        server.execute("REPLICAOF", "NO", "ONE")
+        ids = await asyncio.gather(*tasks)
+        assert pub.stats().batches > 0
+    client = server.client()
+    try:
+        assert sorted(i for i, _ in await entries(client, stream_name)) == sorted(ids)
+    finally:
+        await client.aclose()
+
+
 # -- safe trimming ------------------------------------------------------------------
 
 
