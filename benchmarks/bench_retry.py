@@ -5,10 +5,13 @@ Retries go through the consumer's retrier, which re-claims due messages in batch
 (``extra.commands`` in the JSON), and the table's targets check how many retries
 share one ``XCLAIM``.
 
-A message waiting for its retry stays held, so it counts against the buffer
-(``buffer_size + concurrency``). The rows with a 100 ms backoff show what that
-means: with ``f`` failing and backoff ``b``, throughput is capped near
-``capacity / (f * b)`` unless the buffer is raised.
+A message waiting for its retry keeps only its ID and does not count against the
+buffer (``buffer_size + concurrency``), so failing messages do not throttle
+reading: the rows with a 100 ms backoff run near 0.6x the all-success rate
+with or without a larger buffer (the last retries' 100 ms wait is part of the
+measured interval). When waiting retries counted against the buffer,
+throughput was capped near ``capacity / (f * b)`` with ``f`` failing and
+backoff ``b``: about 11,000 msg/s with the defaults.
 
     python benchmarks/bench_retry.py [--quick] [--repeat N] [--messages N]
 """

@@ -60,13 +60,13 @@ class Claimer:
         """Reset the idle time of every held entry, every third of ``pending_timeout``."""
         shared = self._shared
         opts = shared.options
-        held = shared.holding.messages
+        holding = shared.holding
         interval = opts.pending_timeout / 3
         await shared.started.wait()
         while True:
             await asyncio.sleep(interval)
             by_stream: dict[str, list[str]] = {}
-            for stream, entry_id in list(held):
+            for stream, entry_id in [*holding.messages, *holding.waiting]:
                 by_stream.setdefault(stream, []).append(entry_id)
             commands = [
                 (
@@ -104,8 +104,7 @@ class Claimer:
             idle_ms, only = round(opts.command_timeout * 1000), (opts.consumer,)
         start = "-"
         while True:
-            free = holding.free()
-            if free <= 0:
+            if holding.free() <= 0:
                 return
             rows = await shared.retry.call(
                 f"XPENDING {stream}",
@@ -121,10 +120,11 @@ class Claimer:
             counts: dict[str, int] = {}
             for row in rows:
                 entry_id = row[0].decode()
-                if (stream, entry_id) not in holding.messages:
+                if not holding.holds((stream, entry_id)):
                     counts[entry_id] = int(row[3])
             start = "(" + rows[-1][0].decode()
-            wanted = list(counts)[:free]
+            # What is free now: others may have taken capacity during XPENDING.
+            wanted = list(counts)[: max(holding.free(), 0)]
             if wanted:
                 await self._take(stream, idle_ms, wanted, counts)
             if len(rows) < _CLAIM_BATCH:
@@ -174,8 +174,9 @@ class Claimer:
 
     def _lease_busy(self, stream: str) -> bool:
         """Whether this consumer still reads, or holds messages of, ``stream``."""
+        holding = self._shared.holding
         return stream in self._reading or any(
-            key[0] == stream for key in self._shared.holding.messages
+            key[0] == stream for key in (*holding.messages, *holding.waiting)
         )
 
     async def _take_over(self, stream: str) -> None:
@@ -200,8 +201,7 @@ class Claimer:
             counts = {
                 row[0].decode(): int(row[3])
                 for row in rows
-                if row[1].decode() != opts.consumer
-                and (stream, row[0].decode()) not in holding.messages
+                if row[1].decode() != opts.consumer and not holding.holds((stream, row[0].decode()))
             }
             waiting = list(counts)
             while waiting:

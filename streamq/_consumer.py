@@ -14,8 +14,9 @@ tracks every message the consumer holds):
   dead-letter;
 * the **acker** coalesces acknowledgements (``_acker.py``);
 * the **retrier** (``_retrier.py``) holds failed messages until their backoff
-  ends, without a worker, then re-claims them to itself with ``XCLAIM`` so Redis
-  counts the delivery, and puts them back in the queue;
+  ends, without a worker and outside the buffer's capacity (only their IDs,
+  under a limit of their own), then re-claims them to itself with ``XCLAIM``, so
+  that Redis counts the delivery and returns the entry, and queues them again;
 * the **renewer** resets the idle time of every entry this consumer holds, so
   that no other consumer claims what is merely waiting in the buffer or for a
   retry; the **claimer** takes over entries that idled past ``pending_timeout``
@@ -133,7 +134,6 @@ class AsyncConsumer:
         self._holding = shared.holding
         # The running parts, built when listen() starts (they need the connections).
         self._acker: Acker | None = None
-        self._retrier: Retrier | None = None
         self._workers: Workers | None = None
 
     # -- public API ---------------------------------------------------------
@@ -221,7 +221,6 @@ class AsyncConsumer:
         """A snapshot of counters (read, handled, retried, ...) and gauges (in flight, ...)."""
         c = self._shared.counts
         workers = self._workers
-        retrier = self._retrier
         err = self._errors.statistics()
         return ConsumerStats(
             state=self._state,
@@ -238,7 +237,7 @@ class AsyncConsumer:
             acked=self._acker.acked if self._acker else 0,
             in_flight=workers.in_flight if workers else 0,
             buffered=self._holding.queue.qsize(),
-            waiting_retry=retrier.waiting if retrier else 0,
+            waiting_retry=len(self._holding.waiting),
             pending_acks=self._acker.pending if self._acker else 0,
             errors_reported=err.reported,
             errors_dropped=err.dropped,
@@ -347,7 +346,7 @@ class AsyncConsumer:
         deliveries = Deliveries(shared)
         reader = Reader(shared, deliveries)
         claimer = Claimer(shared, deliveries, reader.reading)
-        self._retrier = retrier = Retrier(shared)
+        retrier = Retrier(shared)
         self._workers = workers = Workers(shared, deliveries, retrier)
         guard = self._guard
         try:

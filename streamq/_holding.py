@@ -6,9 +6,20 @@ for a retry. Every held message is in the group's pending list under this
 consumer's name, which is what makes a crash at any point safe; the renewer keeps
 them all from idling, and the claimer never takes one.
 
-At most ``buffer_size + concurrency`` messages are held or reserved at once:
-readers and the claimer reserve the capacity a request may fill before awaiting
-Redis, and turn the reservation into held messages without an await in between.
+Two bounds keep memory in check:
+
+* **capacity** (``buffer_size + concurrency``): messages queued, parked or
+  running, plus the reservations of reads and claims in flight. Readers and the
+  claimer reserve the capacity a request may fill before awaiting Redis, and
+  turn the reservation into held messages without an await in between. Retries
+  falling due come back even into a full buffer (they have priority over new
+  reads), up to a second capacity's worth.
+* **retry limit** (``max(10_000, 100 * capacity)``): messages waiting out a
+  retry backoff. They keep only their stream, ID and delivery count (the retrier
+  reads the entry again when it claims it back), so they do not count against
+  the capacity: failing messages never throttle reading. Once that many wait,
+  reading and claiming pause until retries fall due. Messages already held then
+  may still fail, so the limit can be exceeded by at most twice the capacity.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ from ._errors import MalformedMessageError, StreamqError
 from ._message import FieldValue, Message
 from ._ordering import KeyLanes
 
-__all__ = ["Holding"]
+__all__ = ["Holding", "retry_limit"]
+
+
+def retry_limit(capacity: int) -> int:
+    """How many messages may wait for a retry before reading pauses (see the module)."""
+    return max(10_000, 100 * capacity)
 
 
 class Holding:
@@ -33,8 +49,10 @@ class Holding:
         report: Where a malformed entry is reported.
 
     Attributes:
-        messages: Every held message by ``(stream, id)``: what the renewer renews
-            and the claimer must not take.
+        messages: Held messages (queued, parked or running) by ``(stream, id)``.
+        waiting: Held messages waiting for a retry: their delivery count by
+            ``(stream, id)``. With :attr:`messages`, what the renewer renews and
+            the claimer must not take.
         reserved: Capacity promised to reads and claims in flight: their entries
             are not held yet, but will be.
         queue: Messages ready for a worker.
@@ -47,6 +65,7 @@ class Holding:
     __slots__ = (
         "_counts",
         "_report",
+        "_retry_limit",
         "capacity",
         "lanes",
         "messages",
@@ -55,6 +74,7 @@ class Holding:
         "reserved",
         "space",
         "suspects",
+        "waiting",
     )
 
     def __init__(
@@ -64,6 +84,8 @@ class Holding:
         self._counts = counts
         self._report = report
         self.messages: dict[tuple[str, str], Message] = {}
+        self.waiting: dict[tuple[str, str], int] = {}
+        self._retry_limit = retry_limit(capacity)
         self.reserved = 0
         # Unbounded on purpose: the reader and the claimer each size their request
         # to the free capacity before awaiting Redis, so together they may
@@ -77,8 +99,18 @@ class Holding:
         self.raw_dead: dict[tuple[str, str], list[Any]] = {}
 
     def free(self) -> int:
-        """Capacity neither held nor reserved."""
+        """Capacity neither held nor reserved (none while the retry limit is reached)."""
+        if len(self.waiting) >= self._retry_limit:
+            return 0
         return self.capacity - len(self.messages) - self.reserved
+
+    def room_for_retries(self) -> int:
+        """How many retries falling due may come back now (up to twice the capacity)."""
+        return 2 * self.capacity - len(self.messages) - self.reserved
+
+    def holds(self, key: tuple[str, str]) -> bool:
+        """Whether the entry ``(stream, id)`` is held (including waiting for a retry)."""
+        return key in self.messages or key in self.waiting
 
     async def wait_for_space(self, minimum: int = 1) -> int:
         """Wait until at least ``minimum`` is free; return what is free."""
@@ -86,8 +118,12 @@ class Holding:
             free = self.free()
             if free >= minimum:
                 return free
-            self.space.clear()
-            await self.space.wait()
+            await self.space_freed()
+
+    async def space_freed(self) -> None:
+        """Wait until capacity may have been freed."""
+        self.space.clear()
+        await self.space.wait()
 
     def release(self, msg: Message) -> None:
         """Forget a held message (acked, dead-lettered or abandoned)."""
@@ -99,10 +135,55 @@ class Holding:
                 if after is not None:
                     self.queue.put_nowait(after)
 
+    def to_retry(self, msg: Message) -> None:
+        """``msg`` failed and waits for a retry: keep only its ID and delivery count.
+
+        It stays at the head of its key's lane, if ordered, so that later messages
+        of the key wait for it.
+        """
+        key = (msg.stream, msg.id)
+        if self.messages.pop(key, None) is not None:
+            self.waiting[key] = msg._deliveries
+            self.space.set()
+
+    def back_from_retry(self, stream: str, raw_id: bytes, fields: Any) -> None:
+        """A retry was claimed back (the entry read again from Redis): queue it for the workers.
+
+        Its delivery count goes up by one: the claim counted a delivery in Redis.
+        """
+        entry_id = raw_id.decode()
+        key = (stream, entry_id)
+        deliveries = self.waiting.pop(key, None)
+        if deliveries is None:
+            return
+        # Below the retry limit again: reading may resume.
+        self.space.set()
+        try:
+            # As in admit_entries: the field names decoded in C.
+            it = iter(fields)
+            values: dict[str, FieldValue] = dict(zip(map(bytes.decode, it), it, strict=True))
+        except (UnicodeDecodeError, ValueError, TypeError):
+            self.make(stream, raw_id, fields, deliveries + 1)  # holds it for dead-lettering
+            return
+        msg = Message._received(stream, entry_id, values, deliveries + 1)
+        # Not through the lanes: it still heads its key's lane.
+        self.messages[key] = msg
+        self.queue.put_nowait(msg)
+
+    def retry_gone(self, stream: str, entry_id: str) -> None:
+        """Forget a message waiting for a retry whose entry could not be claimed back."""
+        if self.waiting.pop((stream, entry_id), None) is None:
+            return
+        self.space.set()
+        if stream in self.lanes.fields:
+            after = self.lanes.drop(stream, entry_id)
+            if after is not None:
+                self.queue.put_nowait(after)
+
     def admit(self, msg: Message) -> None:
         """Hold ``msg`` and queue it for the workers (or park it behind its key)."""
         key = (msg.stream, msg.id)
-        if key in self.messages:
+        if key in self.messages or key in self.waiting:
             return
         self.messages[key] = msg
         if self.lanes.fields and not self.lanes.admit(msg):

@@ -110,7 +110,13 @@ class ConsumerOptions:
             messages of a stream are handled in the order Redis delivers them.
         buffer_size: Messages read ahead of the handlers (default 100); the reader
             never asks Redis for more than the buffer can take. ``0``: no read-ahead,
-            a message is read only when a handler is free to take it.
+            a message is read only when a handler is free to take it. Messages
+            waiting for a retry do not count against it: they keep only their
+            stream, ID and delivery count (a few hundred bytes each, the entry is
+            read again when its retry falls due), and at most
+            ``max(10_000, 100 * (buffer_size + concurrency))`` of them wait at once
+            (11,000 with the defaults); beyond that, reading pauses until retries
+            fall due.
         backoff: Policy for handler retries and network retries (default
             ``Backoff()``: 0.1 s doubling to 10 s).
         network_retry: Retries of a failed Redis operation before it becomes fatal

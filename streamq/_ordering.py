@@ -12,8 +12,10 @@ still run concurrently. Lanes are per stream, which is per partition for a
 :class:`~streamq.PartitionedStream` (a key always maps to one partition).
 
 Parked messages are held like queued ones: they count against ``buffer_size +
-concurrency`` and are renewed, so no other consumer claims them. Messages
-without the key field are not ordered.
+concurrency`` and are renewed, so no other consumer claims them. A message
+waiting for its retry stays at the head of its lane (so its key stays blocked)
+although it no longer counts against that capacity. Messages without the key
+field are not ordered.
 """
 
 from __future__ import annotations
@@ -76,13 +78,28 @@ class KeyLanes:
         lane = self._lanes.get(lane_key)
         if lane is None:
             return None
-        if lane[0] is not msg:
+        # By ID: a retried message comes back as a new Message (read again from
+        # Redis) while the lane still starts with the one first admitted.
+        if lane[0].id != msg.id:
             # Not the active one (should not happen): just forget it.
             for i in range(1, len(lane)):
                 if lane[i] is msg:
                     del lane[i]
                     break
             return None
+        return self._advance(lane_key, lane)
+
+    def drop(self, stream: str, entry_id: str) -> Message | None:
+        """The active message ``entry_id`` is gone (deleted while waiting for a retry).
+
+        Like :meth:`done`, for when only its ID is known; scans the stream's lanes.
+        """
+        for lane_key, lane in self._lanes.items():
+            if lane_key[0] == stream and lane[0].id == entry_id:
+                return self._advance(lane_key, lane)
+        return None
+
+    def _advance(self, lane_key: tuple[str, Any], lane: list[Message]) -> Message | None:
         del lane[0]
         if lane:
             return lane[0]

@@ -1,9 +1,11 @@
 """The retrier: failed messages wait out their backoff here, without a worker.
 
-When a retry falls due, the retrier claims the message back to this consumer with
-``XCLAIM`` (so that Redis counts the delivery, which is what ``max_retry`` and a
-crash count against) and queues it for the workers again. Retries falling due
-close together share one ``XCLAIM``.
+A waiting message keeps only its stream, ID and delivery count (see
+``Holding.waiting``), so that waiting retries do not count against the buffer.
+When a retry falls due, the retrier claims the message back to this consumer
+with ``XCLAIM``, which also returns the entry again (and makes Redis count the
+delivery, which is what ``max_retry`` and a crash count against), and queues it
+for the workers. Retries falling due close together share one ``XCLAIM``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import heapq
 import itertools
 import time
+from typing import Any
 
 from ._errors import StreamqError, is_nogroup
 from ._message import Message
@@ -33,19 +36,18 @@ class Retrier:
 
     def __init__(self, shared: Shared) -> None:
         self._shared = shared
-        self._heap: list[tuple[float, int, Message]] = []
+        self._holding = shared.holding
+        # (due time, tie-breaker, (stream, id)); the delivery count is in
+        # Holding.waiting.
+        self._heap: list[tuple[float, int, tuple[str, str]]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
 
-    @property
-    def waiting(self) -> int:
-        """Messages waiting for their retry."""
-        return len(self._heap)
-
     def schedule(self, msg: Message, delay: float) -> None:
         """Queue ``msg`` again after ``delay`` seconds."""
+        self._holding.to_retry(msg)
         heap = self._heap
-        entry = (time.monotonic() + delay, next(self._seq), msg)
+        entry = (time.monotonic() + delay, next(self._seq), (msg.stream, msg.id))
         heapq.heappush(heap, entry)
         # The retrier sleeps until the earliest entry is due: only a new earliest
         # entry changes that. Waking it for every failure cost more than the retry.
@@ -56,6 +58,7 @@ class Retrier:
         """Re-claim and queue retries as they fall due, until cancelled."""
         heap = self._heap
         wake = self._wake
+        holding = self._holding
         while True:
             now = time.monotonic()
             if not heap:
@@ -70,51 +73,74 @@ class Retrier:
                     async with asyncio.timeout(heap[0][0] - now + _RETRY_WINDOW):
                         await wake.wait()
                 continue
-            due: dict[str, list[Message]] = {}
-            while heap and heap[0][0] <= now:
-                msg = heapq.heappop(heap)[2]
-                due.setdefault(msg.stream, []).append(msg)
-            for stream, msgs in due.items():
-                await self._reclaim(stream, msgs)
+            room = holding.room_for_retries()
+            if room <= 0:
+                # Twice the capacity is queued or running: wait for the workers.
+                await holding.space_freed()
+                continue
+            due: dict[str, list[str]] = {}
+            taken = 0
+            while heap and heap[0][0] <= now and taken < room:
+                stream, entry_id = heapq.heappop(heap)[2]
+                due.setdefault(stream, []).append(entry_id)
+                taken += 1
+            # Reserved while their claims are in flight, so that reads size
+            # themselves to what is left.
+            holding.reserved += taken
+            try:
+                for stream, ids in due.items():
+                    reply = await self._claim_back(stream, ids)
+                    # No await from here to the end of _requeue: the reservation
+                    # turns into held messages.
+                    holding.reserved -= len(ids)
+                    taken -= len(ids)
+                    for entry_id in self._requeue(stream, ids, reply):
+                        await self._shared.gone(stream, entry_id)
+            finally:
+                holding.reserved -= taken
 
-    async def _reclaim(self, stream: str, msgs: list[Message]) -> None:
-        """Claim due retries back to this consumer (Redis counts the delivery) and queue them."""
+    async def _claim_back(self, stream: str, ids: list[str]) -> list[Any]:
+        """XCLAIM due retries back to this consumer (Redis counts the delivery)."""
         shared = self._shared
-        holding = shared.holding
         opts = shared.options
-        by_id = {m.id: m for m in msgs}
         try:
             reply = await shared.retry.call(
                 f"XCLAIM {stream}",
                 shared.transport.execute,
-                *("XCLAIM", stream, opts.group, opts.consumer, 0, *by_id),
+                *("XCLAIM", stream, opts.group, opts.consumer, 0, *ids),
             )
         except StreamqError as exc:
             if exc.error is None or not is_nogroup(exc.error):
                 raise
-            # The group vanished with these entries in it: handle them again from
-            # memory rather than lose them (their ack will be a no-op).
-            for msg in msgs:
-                msg._deliveries += 1
-                holding.queue.put_nowait(msg)
-            return
-        for entry in reply or ():
+            # The group vanished with these entries in it: read them from the
+            # stream and handle them again rather than lose them (their ack will
+            # be a no-op). Deleted with the stream, they are reported lost.
+            replies = await shared.transport.pipeline_retrying(
+                f"XRANGE {stream}",
+                [("XRANGE", stream, entry_id, entry_id) for entry_id in ids],
+                shared.retry,
+            )
+            return [reply[0] for reply in replies if isinstance(reply, list) and reply]
+        return list(reply or ())
+
+    def _requeue(self, stream: str, ids: list[str], reply: list[Any]) -> list[str]:
+        """Queue the retries claimed back; return the IDs of those deleted meanwhile."""
+        holding = self._holding
+        counts = self._shared.counts
+        missing = set(ids)
+        for entry in reply:
             if entry is None:
                 # Redis 6.2's answer for a deleted entry (7.0+ omits it): its ID
-                # stays in by_id and is reported below.
+                # stays missing.
                 continue
             raw_id, fields = entry
             entry_id = raw_id.decode()
-            old = by_id.pop(entry_id, None)
-            if old is None:
+            if fields is None or entry_id not in missing:
                 continue
-            if fields is None:
-                by_id[entry_id] = old  # deleted: handled below
-                continue
-            old._deliveries += 1
-            shared.counts["retried"] += 1
-            # Still held (counted in capacity); the queue always has room for it.
-            holding.queue.put_nowait(old)
-        for entry_id, msg in by_id.items():
-            holding.release(msg)
-            await shared.gone(stream, entry_id)
+            missing.discard(entry_id)
+            counts["retried"] += 1
+            holding.back_from_retry(stream, raw_id, fields)
+        gone = [entry_id for entry_id in ids if entry_id in missing]
+        for entry_id in gone:
+            holding.retry_gone(stream, entry_id)
+        return gone
