@@ -138,7 +138,8 @@ class StreamInfo:
         groups: The consumer groups.
         dead_letter_stream: The dead-letter stream's key.
         dead_letters: Entries in the dead-letter stream (0 when it does not exist).
-        server: ``"redis 7.0.15"`` or similar.
+        server: The server's :attr:`~streamq._capabilities.ServerInfo.description`, e.g.
+            ``"Redis 7.0.15"`` or ``"Valkey 8.1.8 (Redis 7.2.4 compatible)"``.
     """
 
     stream: str
@@ -253,7 +254,7 @@ async def _server(transport: Transport) -> str:
         raise
     except Exception as exc:
         raise convert(exc, "INFO server") from None
-    return f"{info.name} {info.version_text}"
+    return info.description
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,8 +182,15 @@ async def test_info_reports_groups_consumers_lag_and_dead_letters(
     assert groups["audit"]["consumers"] == [
         {"name": "auditor-1", "pending": 3, "idle": groups["audit"]["consumers"][0]["idle"]}
     ]
+    transport = open_transport(redis_url, 5.0)
+    try:
+        server = (await transport.server_info()).description  # "Valkey 8.1.8 (Redis 7.2.4 ..."
+    finally:
+        await transport.aclose()
+    assert info["server"] == server
     text = cli("info", stream_name, "--url", redis_url)
     assert text.returncode == 0
+    assert f"server        {server}\n" in text.stdout
     assert "group audit" in text.stdout
     assert "auditor-1" in text.stdout
     assert f"2 in {stream_name}:dead" in text.stdout
