@@ -18,7 +18,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -126,6 +126,13 @@ def _when(unix: float | None) -> str:
     if unix is None:
         return "-"
     return datetime.datetime.fromtimestamp(unix, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_rows(rows: Sequence[tuple[str, str]], indent: str = "") -> None:
+    """``key  value`` lines, the values aligned."""
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{indent}{key.ljust(width)}  {value}")
 
 
 def _print_json(data: Any) -> None:
@@ -333,9 +340,7 @@ async def _info(args: argparse.Namespace) -> int:
         ("dead letters", f"{_num(info.dead_letters)} in {info.dead_letter_stream}"),
         ("groups", _num(len(info.groups))),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
+    _print_rows(rows)
     for g in info.groups:
         print()
         oldest = "-"
@@ -499,12 +504,30 @@ async def _trim(args: argparse.Namespace) -> int:
     return OK
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from ._demo import demo_server, run_demo
+def _given_url(args: argparse.Namespace) -> str | None:
+    """``--url`` or ``$REDIS_URL``, checked; None: demo and bench start their own server."""
+    return _url(args) if args.url or os.environ.get("REDIS_URL") else None
 
-    url = args.url or os.environ.get("REDIS_URL") or None
-    if url is not None:
-        url = _url(args)
+
+@contextlib.asynccontextmanager
+async def _own_or_given_server(
+    args: argparse.Namespace, url: str | None, purpose: str
+) -> AsyncIterator[tuple[str, str]]:
+    """Yield ``(url, description)`` of ``url``'s server, or of a throwaway one started here."""
+    from ._demo import demo_server
+
+    async with demo_server(url, purpose) as (server_url, description):
+        if url is not None:
+            # Fail fast with a clear message instead of retrying an unreachable server.
+            async with _connect(args):
+                pass
+        yield server_url, _redact(description)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    url = _given_url(args)
     bar = Progress("demo", mode=args.progress)
 
     def progress(done: int, total: int, stats: Any) -> None:
@@ -516,15 +539,11 @@ async def _demo(args: argparse.Namespace) -> int:
 
     started = "starting a throwaway Redis server ..." if url is None else f"using {_redact(url)}"
     print(f"streamq demo: {started}", file=sys.stderr)
-    async with demo_server(url) as (server_url, description):
-        if url is not None:
-            # Fail fast with a clear message instead of retrying an unreachable server.
-            async with _connect(args):
-                pass
+    async with _own_or_given_server(args, url, "demo") as (server_url, description):
         try:
             summary = await run_demo(
                 server_url,
-                server=_redact(description),
+                server=description,
                 messages=args.messages,
                 rate=args.rate,
                 concurrency=args.concurrency,
@@ -558,10 +577,8 @@ async def _demo(args: argparse.Namespace) -> int:
             f"p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
     print()
-    for key, value in rows:
-        print(f"  {key.ljust(width)}  {value}")
+    _print_rows(rows, indent="  ")
     print()
     if summary.complete:
         print("  every message was handled or dead-lettered; nothing is left pending")
@@ -576,16 +593,9 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _bench(args: argparse.Namespace) -> int:
     from ._cli_bench import run_bench
 
-    url = args.url or os.environ.get("REDIS_URL") or None
-    if url is not None:
-        url = _url(args)
-    from ._demo import demo_server
-
-    async with demo_server(url, "benchmark") as (server_url, description):
-        if url is not None:
-            async with _connect(args):
-                pass
-        return await run_bench(args, server_url, _redact(description), Progress)
+    url = _given_url(args)
+    async with _own_or_given_server(args, url, "benchmark") as (server_url, description):
+        return await run_bench(args, server_url, description, Progress)
 
 
 # -- argument parsing ----------------------------------------------------------------
@@ -642,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="connect and command timeout in seconds (default 5)",
     )
+    common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     common.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
@@ -734,7 +745,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --url: leave the demo's stream and dead letters in Redis, to try "
         "`streamq info/dead/replay` on them",
     )
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=_demo)
 
     p = sub.add_parser(
@@ -748,7 +758,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("stream", help="the stream's key")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_info)
 
     p = sub.add_parser(
@@ -774,7 +783,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="only entries idle at least this long",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_pending)
 
     p = sub.add_parser(
@@ -788,7 +796,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("stream", help="the original stream's key")
     p.add_argument("--count", type=_positive_int, default=50, help="entries to list (default 50)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_dead)
 
     p = sub.add_parser(
@@ -824,7 +831,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay this dead-letter entry (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="count only; change nothing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_replay)
 
     p = sub.add_parser(
@@ -846,7 +852,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--approximate", action="store_true", help="MINID ~: cheaper, may keep a few more"
     )
     p.add_argument("--dry-run", action="store_true", help="count only; change nothing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_trim)
 
     p = sub.add_parser(
@@ -889,7 +894,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="length of the latency run (default 3; 0 skips it)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_bench)
     return parser
 

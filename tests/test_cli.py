@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio
 
 from streamq import AsyncConsumer, AsyncPublisher, Backoff, Message
@@ -44,6 +45,14 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [STREAMQ, *args], capture_output=True, text=True, timeout=timeout, env=_env()
     )
+
+
+def _redis_keys(url: str, pattern: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.keys(pattern))
+    finally:
+        client.close()
 
 
 def _closed_port() -> int:
@@ -420,7 +429,11 @@ def test_bench_prints_throughput_and_latency(redis_url: str) -> None:
     assert names == ["publish (100 tasks)", "consume (concurrency 100)", "latency at 1,000 msg/s"]
     assert all(r["rate"] > 0 for r in report["runs"])
     assert report["runs"][2]["latency_ms"]["p99"] > 0
-    assert "consume [" in result.stderr
+    assert [r["pending_after"] for r in report["runs"]] == [0, 0, 0]
+    for label in ("publish", "consume", "latency"):
+        assert f"{label} [" in result.stderr
+    # The scratch streams are gone.
+    assert _redis_keys(redis_url, "streamq-bench:*") == []
 
 
 def test_demo_without_any_server_binary_exits_5(tmp_path: Path) -> None:
