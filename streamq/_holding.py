@@ -87,10 +87,9 @@ class Holding:
         self.waiting: dict[tuple[str, str], int] = {}
         self._retry_limit = retry_limit(capacity)
         self.reserved = 0
-        # Unbounded on purpose: the reader and the claimer each size their request
-        # to the free capacity before awaiting Redis, so together they may
-        # overshoot it by one batch. `messages` bounds memory; a bounded queue would raise
-        # QueueFull in put_nowait and kill the consumer.
+        # Unbounded on purpose: the capacity and the room for retries bound what is
+        # queued; a bounded queue would raise QueueFull in put_nowait and kill
+        # the consumer.
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         # Set whenever capacity may have been freed.
         self.space = asyncio.Event()
