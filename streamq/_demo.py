@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ._backoff import Backoff
+from ._bench import latency_summary
 from ._consumer import AsyncConsumer, ConsumerStats
 from ._message import Message
 from ._publisher import AsyncPublisher
@@ -106,21 +106,6 @@ async def demo_server(url: str | None, purpose: str = "demo") -> AsyncIterator[t
             server.url,
             f"{binary.server_name} {version} ({binary.path}, started for the {purpose})",
         )
-
-
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    if len(samples) == 1:
-        q = [samples[0]] * 99
-    else:
-        q = statistics.quantiles(samples, n=100, method="inclusive")
-    return {
-        "p50": q[49] * 1000,
-        "p90": q[89] * 1000,
-        "p99": q[98] * 1000,
-        "max": max(samples) * 1000,
-    }
 
 
 async def run_demo(
@@ -252,5 +237,5 @@ async def run_demo(
         pending_after=int(summary["pending"]),
         seconds=seconds,
         throughput=total / seconds if seconds > 0 else 0.0,
-        latency_ms=_percentiles(latencies),
+        latency_ms={k: v * 1000 for k, v in latency_summary(latencies).items()},
     )
