@@ -44,6 +44,7 @@ class Acker:
         # Whether _wake is set and _idle clear for the acks added since the last
         # batch was taken: add() then skips both events (it runs once per message).
         self._signalled = False
+        #: IDs whose XACK Redis confirmed.
         self.acked = 0
 
     def add(self, stream: str, entry_id: str) -> None:
@@ -107,7 +108,11 @@ class Acker:
                     elif refused is None:
                         refused = err
                 else:
-                    self.acked += int(reply)
+                    # Count what Redis confirmed, not its reply (entries it removed
+                    # from the PEL): an earlier attempt cut off after sending (a lost
+                    # reply, a cancelled flush) already removed them, and the resend
+                    # then answers 0 for acks that did happen.
+                    self.acked += len(cmd) - 3
             if refused is not None:
                 # NOPERM, WRONGTYPE...: every later ack would be refused too, and a
                 # consumer that cannot ack handles the same messages forever. Nothing

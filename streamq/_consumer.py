@@ -76,6 +76,28 @@ class ConsumerStats:
     """A snapshot of a consumer's counters and gauges.
 
     Counters count since ``listen()`` started; gauges are current values.
+
+    Attributes:
+        state: Where the consumer is in its lifecycle.
+        read: Entries taken from Redis (read, recovered or claimed).
+        handled: Handler calls that finished (any outcome).
+        succeeded: Handler calls that succeeded (returned ``None`` or ``success()``).
+        failed: Handler calls that failed (raised, timed out or returned ``fail()``).
+        retried: Failed messages taken back for another attempt.
+        discarded: Messages the handler discarded (acked without retry).
+        dead_lettered: Messages moved to the dead-letter stream or handler.
+        claimed: Entries claimed from other consumers after ``pending_timeout``.
+        recovered: This consumer's own pending entries re-read at start.
+        lost: Pending entries whose data was trimmed away before handling.
+        acked: Entry IDs whose ``XACK`` Redis confirmed; an ack resent after a
+            lost reply counts once.
+        in_flight: Handlers running now.
+        buffered: Messages read and waiting for a worker.
+        waiting_retry: Failed messages waiting out their backoff.
+        pending_acks: Acks queued and not yet confirmed by Redis.
+        errors_reported: Non-fatal errors reported (each also logged).
+        errors_dropped: Reported errors dropped, oldest first, because the
+            :meth:`AsyncConsumer.errors` buffer was full.
     """
 
     state: ConsumerState
