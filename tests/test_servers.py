@@ -583,7 +583,8 @@ async def test_proxy_delay(make_proxy: MakeProxy) -> None:
         proxy.set_delay(0)
         started = time.monotonic()
         assert await client.ping()
-        assert time.monotonic() - started < 0.15
+        # Below what the delayed round trip took, with room for a busy machine.
+        assert time.monotonic() - started < 0.29
     finally:
         await client.aclose()
     with pytest.raises(ValueError, match=">= 0"):
