@@ -23,7 +23,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from streamq import _servers
 from streamq._servers import (
     ENGINES,
     LocalCluster,
@@ -32,6 +31,8 @@ from streamq._servers import (
     ServerNotFoundError,
     ServerStartError,
     UnsupportedFeatureError,
+    _binaries,
+    _local,
     find_server_binary,
 )
 
@@ -132,7 +133,7 @@ def test_debian_symlinked_binary_keeps_its_name(tmp_path: Path) -> None:
     server = find_server_binary()
     link = tmp_path / "redis-server"
     link.symlink_to(server.path)
-    assert _servers._describe(link, "custom").version == server.version
+    assert _binaries._describe(link, "custom").version == server.version
 
 
 # --------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_port_taken_before_bind_is_repicked(
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     taken = blocker.getsockname()[1]
-    real_free_port = _servers._free_port
+    real_free_port = _local._free_port
     handed_out: list[int] = []
 
     def racy_free_port(**kwargs: object) -> int:
@@ -308,7 +309,8 @@ def test_port_taken_before_bind_is_repicked(
         handed_out.append(port)
         return port
 
-    monkeypatch.setattr(_servers, "_free_port", racy_free_port)
+    # Patch the name where LocalRedis looks it up (it imported it from _process).
+    monkeypatch.setattr(_local, "_free_port", racy_free_port)
     try:
         with LocalRedis(binary=server_binary) as server:
             assert handed_out[0] == taken
