@@ -244,14 +244,18 @@ class ClusterTransport(Transport):
         host = exc.host or via[0]
         return self._address(host, int(exc.port))
 
-    async def _node_for_slot(self, slot: int) -> Transport:
+    async def _master_of(self, slot: int) -> tuple[str, int]:
+        """The address of the master serving ``slot``, refreshing a stale map first."""
         if self._stale:
             await self._refresh()
         address = self._slots[slot]
         if address is None:
             self._stale = True
             raise rex.ClusterDownError(f"slot {slot} is not served by any master")
-        return self._node(address)
+        return address
+
+    async def _node_for_slot(self, slot: int) -> Transport:
+        return self._node(await self._master_of(slot))
 
     async def _any_master(self) -> Transport:
         if self._stale:
@@ -463,12 +467,7 @@ class ClusterTransport(Transport):
         if slot is None:
             raise ValueError(f"{args[0]}: a blocking command needs a key")
         for _ in range(_REDIRECTS):
-            if self._stale:
-                await self._refresh()
-            address = self._slots[slot]
-            if address is None:
-                self._stale = True
-                raise rex.ClusterDownError(f"slot {slot} is not served by any master")
+            address = await self._master_of(slot)
             reader = self._readers.get(slot)
             if reader is not None and reader[0] != address:
                 await reader[1].aclose()
