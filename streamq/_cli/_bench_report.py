@@ -14,14 +14,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._bench import (
+from .._bench import (
     BenchResult,
     Progress,
     run_consume_benchmark,
     run_latency_benchmark,
     run_publish_benchmark,
 )
-from ._cli import INCOMPLETE
+from ._run import INCOMPLETE
 
 __all__ = ["run_bench"]
 
