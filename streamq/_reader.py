@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from ._capabilities import CONSUMER_COMMANDS
 from ._deliveries import Deliveries
 from ._errors import GroupRecreatedError, StreamqError, is_nogroup
+from ._message import Message
 from ._shared import Shared
 
 __all__ = ["Reader"]
@@ -264,6 +265,7 @@ class Reader:
                 # Re-reading counted a delivery, but no handler started: undo it.
                 started = {i: max(n - 1, 1) for i, n in counts.items()}
                 await deliveries.set(stream, started)
+                recovered = []
                 for (_, fields), entry_id in zip(entries, ids, strict=True):
                     if fields is None:
                         shared.lost(stream, entry_id)
@@ -271,5 +273,18 @@ class Reader:
                     msg = holding.make(stream, entry_id.encode(), fields, started.get(entry_id, 1))
                     shared.counts["recovered"] += 1
                     if msg is not None:
-                        holding.admit(msg)
-                        holding.suspects.add((stream, entry_id))
+                        recovered.append(msg)
+                if stream not in holding.lanes.fields:
+                    # Least-charged first: in a crash loop that strikes soon after
+                    # each start, the entries first in line are the ones charged
+                    # again, so they go to the back (in ID order among equals)
+                    # instead of being charged by every crash until dead-lettered.
+                    # Ordered streams keep ID order: it is their key order.
+                    recovered.sort(key=_deliveries_of)
+                for msg in recovered:
+                    holding.admit(msg)
+                    holding.suspects.add((stream, msg.id))
+
+
+def _deliveries_of(msg: Message) -> int:
+    return msg._deliveries

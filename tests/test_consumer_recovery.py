@@ -45,6 +45,34 @@ async def test_own_pending_reprocessed_first_on_restart(
     assert await pending_count(redis_client, stream_name) == 0
 
 
+async def test_recovered_entries_least_charged_first(
+    redis_client: Client, stream_name: str
+) -> None:
+    # After a crash loop the entries first in line were charged by every crash; the
+    # least-charged go first so that the next crash does not charge the same ones.
+    ids = await add(redis_client, stream_name, 4)
+    await _crash_after_reading(redis_client, stream_name, "c1", 4)
+    for entry_id, starts in zip(ids, (3, 1, 2, 1), strict=True):
+        await redis_client.xclaim(
+            stream_name, "g", "c1", 0, [entry_id], retrycount=starts, justid=True
+        )
+    seen: list[tuple[str, int]] = []
+
+    async def handler(msg: Message) -> None:
+        seen.append((msg.id, msg.deliveries))
+
+    consumer = make_consumer(
+        redis_client, consumer="c1", concurrency=1, claim_interval=0, max_retry=-1
+    )
+    consumer.subscribe(stream_name, handler)
+    async with consumer:
+        await wait_until(lambda: consumer.stats().acked == 4, what="4 acks")
+    # Each start is counted in Redis before the handler runs: deliveries = starts + 1.
+    assert seen == [(ids[1], 2), (ids[3], 2), (ids[2], 3), (ids[0], 4)]
+    assert await pending_count(redis_client, stream_name) == 0
+    assert drain_errors(consumer) == []
+
+
 async def test_restart_under_another_name_does_not_take_them(
     redis_client: Client, stream_name: str
 ) -> None:
