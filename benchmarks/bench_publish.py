@@ -3,7 +3,8 @@
 * ``publish`` awaited one at a time vs one awaited ``XADD`` at a time;
 * ``publish_many`` (lists of 1000) vs pipelined ``XADD``, 1000 per round trip;
 * ``publish`` from 100 tasks at once (streamq coalesces them into pipelines) vs
-  ``XADD`` from 100 tasks on redis-py's connection pool.
+  ``XADD`` from 100 tasks on redis-py's connection pool;
+* the first two again with ``idempotent=True`` (one more field per entry).
 
     python benchmarks/bench_publish.py [--quick] [--repeat N] [--messages N]
 """
@@ -43,6 +44,18 @@ def plan(args: argparse.Namespace) -> Plan:
             "streamq_publish",
             {"mode": "concurrent", "messages": many // 2, "tasks": 100},
             vs=raw_conc,
+        ),
+        Case(
+            "streamq publish(), one at a time, idempotent",
+            "streamq_publish",
+            {"mode": "one", "messages": one, "idempotent": True},
+            vs=raw_one,
+        ),
+        Case(
+            "streamq publish_many(), idempotent",
+            "streamq_publish",
+            {"mode": "many", "messages": many, "idempotent": True},
+            vs=raw_many,
         ),
     ]
     targets = [

@@ -387,6 +387,7 @@ async def run_publish_benchmark(
     mode: PublishMode = "one",
     messages: int = 20_000,
     tasks: int = 100,
+    idempotent: bool = False,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> BenchResult:
@@ -399,12 +400,14 @@ async def run_publish_benchmark(
             calling ``await publish()`` in a loop (streamq coalesces them).
         messages: How many to publish.
         tasks: Concurrent tasks in ``"concurrent"`` mode.
+        idempotent: Publish with ``PublisherOptions(idempotent=True)``.
         name: The result's name (default ``"streamq publish <mode>"``).
         progress: Told the messages published so far.
     """
     client = aioredis.Redis.from_url(url)
     try:
-        async with scratch_stream(url) as stream, AsyncPublisher(redis=client) as publisher:
+        publisher = AsyncPublisher(redis=client, idempotent=idempotent)
+        async with scratch_stream(url) as stream, publisher:
             # Connects (and warms up) outside the measured interval, like the baselines.
             await publisher.publish(Message(stream, PAYLOAD))
             before = await _command_counts(client)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ._cluster import ClusterTransport
-from ._errors import ClosedError, StreamqError, convert
+from ._errors import ClosedError, StreamqError, convert, is_network_error
 from ._errorstream import ErrorStream
+from ._idempotence import FIELD, Tagger, find_stored
 from ._message import Message, validate_stream_name, validate_values
 from ._options import PublisherOptions
 from ._retry import NetworkRetry
@@ -117,6 +119,7 @@ class AsyncPublisher:
             )
         # Safe trimming runs every tenth of the cap (at least every publish).
         self._trim_every = max(opts.stream_max_length // 10, 1)
+        self._tagger = Tagger() if opts.idempotent else None
 
     # -- public API ---------------------------------------------------------
 
@@ -234,15 +237,33 @@ class AsyncPublisher:
             mw(msg)
             values = validate_values(msg.values)
         args: list[Any] = ["XADD", msg.stream, *self._trim_args, msg.id or "*"]
+        tagger = self._tagger
         for k, v in values.items():
+            if tagger is not None and k == FIELD:
+                # A message passed on from another stream: this publish gets its own.
+                continue
             args.append(k)
             args.append(v)
+        if tagger is not None:
+            # Last, where find_stored looks first.
+            args.append(FIELD)
+            args.append(tagger.next())
         if self._closed:
             raise ClosedError("the publisher is closed")
         return args
 
     async def _send_one(self, args: list[Any], msg: Message) -> str:
         transport = self._get_transport()
+        if self._tagger is not None:
+            try:
+                [reply] = await self._send_batch([args])
+            except BaseException:
+                self._failed += 1
+                raise
+            if isinstance(reply, BaseException):
+                self._failed += 1
+                raise convert(reply, f"XADD {args[1]}", message=msg)
+            return str(reply)
         try:
             reply = await self._retry.call(f"XADD {args[1]}", transport.execute, *args, message=msg)
         except BaseException:
@@ -254,13 +275,18 @@ class AsyncPublisher:
     async def _send_batch(self, batch: list[list[Any]]) -> list[Any]:
         """Send XADDs in one pipeline; returns IDs (str) or per-entry exceptions."""
         transport = self._get_transport()
-        # On a cluster each master's part is retried alone: entries a healthy
-        # master stored are not sent again while another one fails over.
-        # Entries refused with CLUSTERDOWN, TRYAGAIN... (a failover) are sent again:
-        # they did not run, and a publish fails only once network_retry is spent.
-        replies = await transport.pipeline_retrying(
-            f"XADD x{len(batch)}", batch, self._retry, resend_refused=True
-        )
+        what = f"XADD x{len(batch)}"
+        if self._tagger is not None:
+            replies = await self._send_idempotent(transport, what, batch)
+        else:
+            # On a cluster each master's part is retried alone: entries a healthy
+            # master stored are not sent again while another one fails over.
+            # Entries refused with CLUSTERDOWN, TRYAGAIN... (a failover) are sent
+            # again: they did not run, and a publish fails only once network_retry
+            # is spent.
+            replies = await transport.pipeline_retrying(
+                what, batch, self._retry, resend_refused=True
+            )
         if len(batch) > 1:
             self._batches += 1
         out: list[Any] = []
@@ -271,6 +297,53 @@ class AsyncPublisher:
                 self._published += 1
                 out.append(reply.decode() if isinstance(reply, bytes) else str(reply))
         return out
+
+    async def _send_idempotent(
+        self, transport: Transport, what: str, batch: list[list[Any]]
+    ) -> list[Any]:
+        """Like ``pipeline_retrying(..., resend_refused=True)``, never storing an entry twice.
+
+        Before each retry, the entries the failed attempt may have stored are
+        looked up by their tag (see :mod:`streamq._idempotence`); only those not
+        found are sent again. On a cluster a failing master fails the attempt as a
+        whole, and the lookup finds what the healthy masters stored.
+        """
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        started: float | None = None
+        id_at = 2 + len(self._trim_args)
+
+        async def attempt() -> list[Any]:
+            nonlocal todo, started
+            if started is None:
+                started = time.monotonic()
+            else:
+                wanted = [(batch[i][1], batch[i][id_at], batch[i][-1]) for i in todo]
+                found = await find_stored(transport, wanted, time.monotonic() - started)
+                for k, entry_id in found.items():
+                    results[todo[k]] = entry_id
+                todo = [i for k, i in enumerate(todo) if k not in found]
+                if not todo:
+                    return results
+            replies = await transport.pipeline([batch[i] for i in todo])
+            failed = []
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+                if isinstance(reply, Exception) and is_network_error(reply):
+                    failed.append(i)
+            todo = failed
+            if failed:
+                raise results[failed[0]]
+            return results
+
+        try:
+            return await self._retry.call(what, attempt)
+        except Exception as exc:
+            if len(todo) == len(batch):
+                raise
+            for i in todo:
+                results[i] = exc
+            return results
 
     async def _enqueue(self, args: list[Any]) -> str:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()

@@ -71,6 +71,9 @@ class FaultProxy:
         self._port: int | None = None
         self._delay = 0.0
         self._refusing = False
+        # Replies still to swallow (each then resets its connection): lose_replies().
+        self._replies_to_lose = 0
+        self.replies_lost = 0
         # Set while traffic flows; cleared by blackhole(True) so pumps park on wait().
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -197,6 +200,17 @@ class FaultProxy:
         else:
             self._flowing.set()
 
+    def lose_replies(self, count: int = 1) -> None:
+        """Swallow the next ``count`` chunks the server sends, resetting each connection.
+
+        The request has reached the server and run; the client sees its connection
+        reset instead of the reply: the ambiguous failure after which nobody knows
+        whether a write happened.
+        """
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._replies_to_lose = count
+
     def refuse(self, on: bool = True) -> None:
         """Close (reset) new connections as soon as they are accepted; open ones stay."""
         self._refusing = on
@@ -234,7 +248,7 @@ class FaultProxy:
                 return
             pumps = [
                 asyncio.ensure_future(self._pump(client_reader, up_writer)),
-                asyncio.ensure_future(self._pump(up_reader, conn.client)),
+                asyncio.ensure_future(self._pump(up_reader, conn.client, conn)),
             ]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -246,7 +260,12 @@ class FaultProxy:
             self._connections.discard(conn)
             conn.abort(reset=False)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        replies_of: _Connection | None = None,
+    ) -> None:
         # Redis never half-closes, so either side ending ends the whole connection.
         with contextlib.suppress(OSError, ConnectionError):
             while True:
@@ -258,6 +277,12 @@ class FaultProxy:
                     await asyncio.sleep(self._delay)
                     await self._flowing.wait()
                 if writer.is_closing():
+                    return
+                if replies_of is not None and self._replies_to_lose:
+                    self._replies_to_lose -= 1
+                    self.replies_lost += 1
+                    self._connections.discard(replies_of)
+                    replies_of.abort(reset=True)
                     return
                 writer.write(data)
                 await writer.drain()
