@@ -75,7 +75,8 @@ async def test_killing_a_master_mid_run_loses_nothing_acknowledged(
         consumer.subscribe(orders, handler)
     try:
         async with (
-            AsyncPublisher(redis=client, **RESILIENT) as publisher,
+            # Idempotent: a publish retried across the failover is stored once.
+            AsyncPublisher(redis=client, idempotent=True, **RESILIENT) as publisher,
             consumers[0],
             consumers[1],
         ):
@@ -89,10 +90,11 @@ async def test_killing_a_master_mid_run_loses_nothing_acknowledged(
             stop.set()
             await producer
             present = set()
+            numbers: list[bytes] = []
             for stream in orders.keys:
-                present |= {
-                    (stream, entry_id.decode()) for entry_id, _ in await client.xrange(stream)
-                }
+                rows = await client.xrange(stream)
+                present |= {(stream, entry_id.decode()) for entry_id, _ in rows}
+                numbers += [fields[b"n"] for _, fields in rows]
             await wait_until(
                 lambda: present <= handled, timeout=30, what="every stored entry handled"
             )
@@ -104,13 +106,17 @@ async def test_killing_a_master_mid_run_loses_nothing_acknowledged(
             await wait_until(nothing_pending, timeout=30, what="nothing pending")
             errors = [e for c in consumers for e in drain_errors(c)]
             felt = [e for e in errors if isinstance(e, NetworkError) and e.retrying]
+            # The publisher retried too, through the lookup of idempotent retries.
+            publisher_felt = [e for e in drain_errors(publisher) if isinstance(e, NetworkError)]
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
     lost_by_replication = published - present
     assert killed.port not in {node.port for node in local.masters()}
     assert felt, "the consumers never noticed the failover"
+    assert publisher_felt, "the publisher never noticed the failover"
     assert present <= handled
+    assert len(numbers) == len(set(numbers)), "a retried publish was stored twice"
     # Only what the dead master confirmed in its last moments may be missing: a
     # few batches at most, never entries of the surviving masters.
     assert len(lost_by_replication) <= 200, len(lost_by_replication)
