@@ -37,6 +37,7 @@ from ._errors import UnsupportedServerError, is_network_error
 __all__ = [
     "CONSUMER_COMMANDS",
     "MIN_VERSION",
+    "PRUNER_COMMANDS",
     "Capabilities",
     "ServerInfo",
     "capabilities_for",
@@ -52,6 +53,9 @@ MIN_VERSION = (6, 2)
 
 #: Every command an AsyncConsumer sends (the dead-letter stream needs XADD).
 CONSUMER_COMMANDS = ("XACK", "XADD", "XCLAIM", "XGROUP", "XLEN", "XPENDING", "XRANGE", "XREADGROUP")
+
+#: What a consumer with ``prune_consumers_after`` sends besides.
+PRUNER_COMMANDS = ("EVAL", "EXISTS", "XINFO")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ tracks every message the consumer holds):
   that no other consumer claims what is merely waiting in the buffer or for a
   retry; the **claimer** takes over entries that idled past ``pending_timeout``
   (their consumer died) every ``claim_interval``; the **lease keeper** owns the
-  ordered streams (all three in ``_claimer.py``).
+  ordered streams (all three in ``_claimer.py``); the **pruner** deletes idle
+  consumers that hold nothing from the group, if asked (``_pruner.py``).
 
 Recovered and claimed messages keep Redis' delivery counter at the number of
 handler starts (``_deliveries.py``), so that a crash counts against the message
@@ -50,6 +51,7 @@ from ._errorstream import ErrorStream
 from ._message import validate_stream_name
 from ._options import ConsumerOptions
 from ._partition import KEY_FIELD, PartitionedStream
+from ._pruner import Pruner
 from ._reader import Reader
 from ._retrier import Retrier
 from ._shared import Shared
@@ -89,6 +91,7 @@ class ConsumerStats:
         claimed: Entries claimed from other consumers after ``pending_timeout``.
         recovered: This consumer's own pending entries re-read at start.
         lost: Pending entries whose data was trimmed away before handling.
+        pruned: Idle consumers deleted from the group (``prune_consumers_after``).
         acked: Entry IDs whose ``XACK`` Redis confirmed; an ack resent after a
             lost reply counts once.
         in_flight: Handlers running now.
@@ -111,6 +114,7 @@ class ConsumerStats:
     claimed: int
     recovered: int
     lost: int
+    pruned: int
     acked: int
     in_flight: int
     buffered: int
@@ -256,6 +260,7 @@ class AsyncConsumer:
             claimed=c["claimed"],
             recovered=c["recovered"],
             lost=c["lost"],
+            pruned=c["pruned"],
             acked=self._acker.acked if self._acker else 0,
             in_flight=workers.in_flight if workers else 0,
             buffered=self._holding.queue.qsize(),
@@ -383,6 +388,9 @@ class AsyncConsumer:
                     )
                 if opts.claim_interval > 0:
                     background.append(tg.create_task(guard(claimer.run()), name="streamq-claimer"))
+                if opts.prune_consumers_after > 0:
+                    pruner = Pruner(shared)
+                    background.append(tg.create_task(guard(pruner.run()), name="streamq-pruner"))
                 if shared.leases:
                     background.append(
                         tg.create_task(guard(claimer.keep_leases()), name="streamq-leases")

@@ -141,6 +141,16 @@ class ConsumerOptions:
             (default 1000); older ones are dropped and counted, never blocking.
         middleware: Callables wrapping every handler call, outermost first (used
             for tracing and metrics).
+        prune_consumers_after: Delete the other consumers of the group that have
+            been idle this many seconds and hold no pending entries (default 0:
+            never). For deployments whose consumer names come and go (pod names):
+            without it the group keeps every consumer it ever saw. The check and
+            the ``XGROUP DELCONSUMER`` run atomically in a Lua script, so no
+            pending entry is ever dropped; a quiet consumer that was deleted is
+            recreated by its next read. Must exceed ``read_timeout``, which live
+            consumers are never idler than (so ``read_timeout=0``, blocking until an
+            entry arrives, is refused with it). Needs ``eval``, ``xinfo|consumers``,
+            ``exists`` and ``xgroup|delconsumer`` in an ACL.
     """
 
     redis: RedisLike
@@ -161,6 +171,7 @@ class ConsumerOptions:
     shutdown_timeout: float = 10.0
     error_buffer: int = 1000
     middleware: tuple[HandlerMiddleware, ...] = ()
+    prune_consumers_after: float = 0.0
 
     def __post_init__(self) -> None:
         _check_redis(self.redis)
@@ -176,6 +187,15 @@ class ConsumerOptions:
         _seconds("pending_timeout", self.pending_timeout)
         _seconds("claim_interval", self.claim_interval)
         _seconds("shutdown_timeout", self.shutdown_timeout)
+        _seconds("prune_consumers_after", self.prune_consumers_after)
+        if self.prune_consumers_after > 0 and not (
+            0 < self.read_timeout < self.prune_consumers_after
+        ):
+            raise ValueError(
+                f"prune_consumers_after: {self.prune_consumers_after!r} s must exceed "
+                f"read_timeout ({self.read_timeout!r} s, and read_timeout must be > 0): "
+                "a live consumer waiting for entries would look idle"
+            )
         _integer("max_retry", self.max_retry)
         _integer("concurrency", self.concurrency, minimum=0)
         _integer("buffer_size", self.buffer_size, minimum=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from ._capabilities import CONSUMER_COMMANDS
+from ._capabilities import CONSUMER_COMMANDS, PRUNER_COMMANDS
 from ._deliveries import Deliveries
 from ._errors import GroupRecreatedError, StreamqError, is_nogroup
 from ._message import Message
@@ -42,7 +42,10 @@ class Reader:
         """Create the groups, recover own pending entries, then read until cancelled."""
         shared = self._shared
         transport = shared.transport
-        await shared.retry.call("INFO", transport.server_info, CONSUMER_COMMANDS)
+        required: tuple[str, ...] = CONSUMER_COMMANDS
+        if shared.options.prune_consumers_after > 0:
+            required += PRUNER_COMMANDS
+        await shared.retry.call("INFO", transport.server_info, required)
         await self._create_groups(shared.options.start_id, recreate=False)
         await self._recover_own_pending()
         # Claiming and renewing start only now, so that they never race the

@@ -31,6 +31,7 @@ COUNTERS = (
     "claimed",
     "recovered",
     "lost",
+    "pruned",
 )
 
 

@@ -192,16 +192,21 @@ async def test_claiming_recovery_and_renewal(
 
     options: dict[str, Any] = {"pending_timeout": 0.3, "claim_interval": 0.1}
     options["handler_timeout"] = 0.3
+    # Once its entries are claimed, "dead" is pruned on every master.
+    options |= {"read_timeout": 0.1, "prune_consumers_after": 0.5}
     consumer = make_consumer(cluster_client, "g", "c1", **options)
     for stream in plain:
         consumer.subscribe(stream, handler)
     async with consumer:
         await wait_until(lambda: consumer.stats().acked == 9, what="nine acks")
+        await wait_until(lambda: consumer.stats().pruned == 3, what="dead pruned thrice")
     stats = consumer.stats()
     assert (stats.recovered, stats.claimed) == (3, 6)
     for stream in plain:
         assert len(seen[stream]) == 3
         assert await pending_of(cluster_client, stream) == 0
+        consumers = await cluster_client.xinfo_consumers(stream, "g")
+        assert [row["name"] for row in consumers] in (["c1"], [b"c1"])
 
     # Renewal: messages waiting in c2's buffer longer than pending_timeout are not
     # claimed by c3, because c2 renews them on every master.

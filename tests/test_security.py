@@ -315,3 +315,55 @@ def test_the_package_has_no_unpickling_or_eval() -> None:
 
 async def _async_bool(value: bool) -> bool:
     return value
+
+
+PRUNE_RULES = ("+eval", "+exists", "+xinfo|consumers", "+xgroup|delconsumer")
+
+
+async def _prune_as_acl_user(
+    server: LocalRedis, rules: tuple[str, ...]
+) -> tuple[AsyncConsumer, StreamqError | None]:
+    server.execute("ACL", "SETUSER", "streamq", "reset", "on", ">pw", *KEY_RULES, *rules)
+    server.execute("DEL", "orders", "orders:dead")
+    server.execute("XGROUP", "CREATE", "orders", "g", "0", "MKSTREAM")
+    server.execute("XGROUP", "CREATECONSUMER", "orders", "g", "gone")
+
+    async def handler(msg: Message) -> None:
+        pass
+
+    url = server.url_for(username="streamq", password="pw")
+    consumer = _consumer(url, read_timeout=0.05, prune_consumers_after=0.2, network_retry=0)
+    consumer.subscribe("orders", handler)
+    task = asyncio.create_task(consumer.listen())
+    fatal: StreamqError | None = None
+    try:
+
+        async def over() -> bool:
+            return consumer.stats().pruned > 0 or task.done()
+
+        await wait_until(over, 10, "a pruning round")
+    finally:
+        await consumer.aclose()
+        try:
+            await task
+        except StreamqError as exc:
+            fatal = exc
+    return consumer, fatal
+
+
+async def test_pruning_needs_exactly_its_documented_commands(redis_server: LocalRedis) -> None:
+    try:
+        consumer, fatal = await _prune_as_acl_user(redis_server, MINIMAL_RULES + PRUNE_RULES)
+        assert fatal is None
+        assert consumer.stats().pruned == 1
+        rows = redis_server.execute("XINFO", "CONSUMERS", "orders", "g")
+        assert [dict(zip(r[::2], r[1::2], strict=True))["name"] for r in rows] == ["c1"]  # type: ignore[union-attr,index]
+        for missing in PRUNE_RULES:
+            rules = MINIMAL_RULES + tuple(r for r in PRUNE_RULES if r != missing)
+            refused, fatal = await _prune_as_acl_user(redis_server, rules)
+            assert refused.stats().pruned == 0, missing
+            # Fatal at once, naming the refusal: a silent no-op would hide the leak.
+            assert isinstance(fatal, RedisError), (missing, fatal)
+            assert "prune consumers of orders" in str(fatal), (missing, fatal)
+    finally:
+        redis_server.execute("ACL", "DELUSER", "streamq")
