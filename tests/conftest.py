@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from faults.harness import kill_all
 from proxy import FaultProxy
 
 from streamq._servers import (
@@ -28,6 +29,13 @@ from streamq._servers import (
 MakeServer = Callable[..., LocalRedis]
 MakeCluster = Callable[..., LocalCluster]
 MakeProxy = Callable[..., Awaitable[FaultProxy]]
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_process_outlives_its_test() -> Iterator[None]:
+    """Kill the fault tests' consumer processes that a failed test left running."""
+    yield
+    kill_all()
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from streamq._servers import LocalRedis
+from streamq._servers._process import _pdeathsig_preexec
 
 WORKER = Path(__file__).with_name("worker.py")
+
+# Every Worker made in this process, so that none outlives a failed test (see
+# kill_all, called after each test by conftest.py).
+_WORKERS: list[Worker] = []
+
+
+def kill_all() -> None:
+    """SIGKILL and reap every worker process still running."""
+    while _WORKERS:
+        _WORKERS.pop().kill()
+
 
 # Small timings so that every recovery path (claiming, retries, reconnects) runs
 # many times in a test of a few seconds. handler_timeout <= pending_timeout, as the
@@ -86,6 +98,7 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.kills = 0
+        _WORKERS.append(self)
 
     def start(self) -> Worker:
         """Start the process (again) under the same consumer name."""
@@ -96,6 +109,8 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                # Dies with pytest, even when pytest is SIGKILLed.
+                preexec_fn=_pdeathsig_preexec(),
             )
         self.starts += 1
         return self
