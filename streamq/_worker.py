@@ -25,7 +25,7 @@ from ._retrier import Retrier
 from ._shared import Shared
 from ._subscription import HandlerFunc, Subscription
 
-__all__ = ["Workers", "handling"]
+__all__ = ["Workers", "dead_letter_call", "handling"]
 
 _SUCCESS = success()
 
@@ -33,6 +33,12 @@ _SUCCESS = success()
 # from a handler must not wait for that very handler.
 handling: contextvars.ContextVar[Shared | None] = contextvars.ContextVar(
     "streamq_handling", default=None
+)
+
+# True while a dead-letter handler runs: middleware wraps it like the handler, and
+# tracing must not describe its outcome as the handler's (streamq.otel reads it).
+dead_letter_call: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "streamq_dead_letter_call", default=False
 )
 
 
@@ -294,7 +300,11 @@ class Workers:
                     error=error,
                 )
             )
-            result = await self._call(sub.dead_letter, msg, deadline)
+            token = dead_letter_call.set(True)
+            try:
+                result = await self._call(sub.dead_letter, msg, deadline)
+            finally:
+                dead_letter_call.reset(token)
             if result.ok:
                 self._counts["dead_lettered"] += 1
                 self._ack(msg)

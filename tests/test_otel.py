@@ -158,6 +158,47 @@ async def test_trace_context_flows_from_publisher_to_handler_with_retry_and_dead
     assert dead_fields[b"traceparent"].startswith(b"00-" + f"{trace_id:032x}".encode())
 
 
+async def test_a_dead_letter_handler_gets_spans_of_its_own(
+    redis_client: redis.asyncio.Redis,
+    stream_name: str,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = spans
+    telemetry = Telemetry(tracer_provider=provider)
+    await redis_client.xadd(stream_name, {"order": "poison"})
+    dead_calls = 0
+
+    async def handle(msg: Message) -> None:
+        raise ValueError("card declined")
+
+    async def dead_letter(msg: Message) -> Any:
+        nonlocal dead_calls
+        dead_calls += 1
+        if dead_calls == 1:
+            return fail("archive unavailable")  # retried after a backoff
+        return None
+
+    consumer = AsyncConsumer(telemetry.instrument(_options(redis_client)))
+    consumer.subscribe(stream_name, handle, dead_letter)
+    await consume_until(consumer, lambda s: s.dead_lettered == 1)
+
+    finished = exporter.get_finished_spans()
+    process = _by_name(finished, f"process {stream_name}")
+    dead = _by_name(finished, f"dead_letter {stream_name}")
+    assert [[e.name for e in s.events] for s in process] == [
+        ["exception", "streamq.retry"],
+        ["exception", "streamq.dead_letter"],
+    ]
+    assert {(s.attributes or {})["streamq.handler"] for s in process} == {"handler"}
+    # The dead-letter handler's failure is a retry of the dead-letter handler, its
+    # success the end of the message: never labelled as the handler's outcome.
+    assert [[e.name for e in s.events] for s in dead] == [["streamq.retry"], []]
+    assert [(s.attributes or {})["streamq.outcome"] for s in dead] == ["failed", "dead_lettered"]
+    assert {(s.attributes or {})["streamq.handler"] for s in dead} == {"dead_letter"}
+    assert (await redis_client.xpending(stream_name, "billing"))["pending"] == 0
+    assert await redis_client.xlen(f"{stream_name}:dead") == 0  # the handler took it
+
+
 async def test_handler_timeout_is_a_cancelled_span_with_a_retry_event(
     redis_client: redis.asyncio.Redis,
     stream_name: str,

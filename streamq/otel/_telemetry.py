@@ -27,6 +27,7 @@ from .._publisher import AsyncPublisher
 from .._result import Result
 from .._transport import open_transport
 from .._version import __version__
+from .._worker import dead_letter_call
 
 __all__ = ["Telemetry", "context_of"]
 
@@ -45,6 +46,7 @@ OPERATION = "messaging.operation.type"
 DELIVERIES = "streamq.deliveries"
 CONSUMER = "streamq.consumer"
 OUTCOME = "streamq.outcome"
+HANDLER = "streamq.handler"
 
 
 class _FieldGetter(Getter[Mapping[str, FieldValue]]):
@@ -82,6 +84,8 @@ class _ConsumerMiddleware:
 
     async def __call__(self, msg: Message, call_next: CallNext) -> Result:
         t = self._t
+        # The same middleware wraps the subscription's dead-letter handler.
+        dead_letter = dead_letter_call.get()
         parent = t.propagator.extract(msg.values, getter=_GETTER)
         attributes: dict[str, Any] = {
             SYSTEM: "redis",
@@ -91,9 +95,10 @@ class _ConsumerMiddleware:
             MESSAGE_ID: msg.id,
             OPERATION: "process",
             DELIVERIES: msg.deliveries,
+            HANDLER: "dead_letter" if dead_letter else "handler",
         }
         span = t.tracer.start_span(
-            f"process {msg.stream}",
+            f"{'dead_letter' if dead_letter else 'process'} {msg.stream}",
             context=parent,
             kind=SpanKind.CONSUMER,
             attributes=attributes,
@@ -115,10 +120,13 @@ class _ConsumerMiddleware:
                 except Exception as exc:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                    self._after_failure(span, msg, f"{type(exc).__name__}: {exc}")
+                    self._after_failure(span, msg, f"{type(exc).__name__}: {exc}", dead_letter)
                     raise
             error = result.error
-            if error is None:
+            if error is None and dead_letter:
+                # Exhausted, and now taken by the dead-letter handler: acked.
+                outcome = "dead_lettered"
+            elif error is None:
                 outcome = "success"
                 born = _entry_time(msg.id)
                 if born is not None:
@@ -130,7 +138,7 @@ class _ConsumerMiddleware:
             else:
                 outcome = "failed"
                 span.set_status(Status(StatusCode.ERROR, str(error)))
-                self._after_failure(span, msg, str(error), result.backoff)
+                self._after_failure(span, msg, str(error), dead_letter, result.backoff)
             return result
         finally:
             span.set_attribute(OUTCOME, outcome)
@@ -138,11 +146,18 @@ class _ConsumerMiddleware:
             t.duration.record(time.perf_counter() - started, {**metric_attrs, OUTCOME: outcome})
 
     def _after_failure(
-        self, span: trace.Span, msg: Message, error: str, backoff: float | None = None
+        self,
+        span: trace.Span,
+        msg: Message,
+        error: str,
+        dead_letter: bool,
+        backoff: float | None = None,
     ) -> None:
-        # The same rule the consumer applies right after this call returns.
+        # The same rules the consumer applies right after this call returns: a
+        # failed dead-letter handler is retried after a backoff, a handler that
+        # exhausted max_retry hands the message to dead-lettering.
         opts = self._options
-        if opts.max_retry >= 0 and msg.retry_count >= opts.max_retry:
+        if not dead_letter and opts.max_retry >= 0 and msg.retry_count >= opts.max_retry:
             target = opts.dead_letter_stream_for(msg.stream)
             span.add_event(
                 "streamq.dead_letter",
@@ -202,7 +217,10 @@ class Telemetry:
     publisher's) with the stream, group, consumer, message ID and delivery
     count. A failure that will be retried adds a ``streamq.retry`` event, one
     that exhausted ``max_retry`` a ``streamq.dead_letter`` event, a discard a
-    ``streamq.discard`` event.
+    ``streamq.discard`` event. A subscription's dead-letter handler runs in a
+    ``dead_letter <stream>`` span (``streamq.handler="dead_letter"``): its
+    success is the ``dead_lettered`` outcome, its failure a ``streamq.retry``
+    event (it is called again after a backoff).
 
     Metrics (meter ``streamq``): observable counters read from ``stats()`` of
     every observed consumer and publisher (``streamq.messages.published``,
