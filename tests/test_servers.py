@@ -482,7 +482,9 @@ async def test_cluster_failover(make_cluster: MakeCluster) -> None:
     local_cluster.wait_for_failover(timeout=30)
     new_master = local_cluster.masters()[1]
     assert new_master is not old_master
-    assert new_master.execute("GET", key) == "before"
+    # Diagnostics if it ever differs: which node answered, and the slot map then.
+    value = new_master.execute("GET", key)
+    assert value == "before", (value, new_master, local_cluster.slot_ranges())
 
     client = local_cluster.client()
     try:
