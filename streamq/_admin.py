@@ -14,6 +14,7 @@ from typing import Any
 
 from ._dead_letter import DEAD_FIELDS
 from ._errors import StreamqError, convert, is_nogroup
+from ._pruner import delete_idle_consumers
 from ._transport import Transport
 from ._trim import TrimResult, safe_trim, safe_trim_point
 
@@ -24,12 +25,14 @@ __all__ = [
     "NotFoundError",
     "PendingEntry",
     "PendingReport",
+    "PruneResult",
     "ReplayResult",
     "StreamInfo",
     "TrimPlan",
     "count_after",
     "dead_letters",
     "pending",
+    "prune",
     "replay",
     "stream_info",
     "trim",
@@ -630,3 +633,72 @@ async def trim(
 def _key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What :func:`prune` deleted (or would delete) from a consumer group.
+
+    Attributes:
+        stream: The stream.
+        group: The consumer group.
+        idle: The idle limit in seconds.
+        deleted: Consumers deleted (with ``dry_run``: that would be deleted).
+        held: Consumers idle that long but still holding pending entries: left
+            alone (claim their entries first, e.g. with a running consumer).
+        dry_run: Whether nothing was changed.
+    """
+
+    stream: str
+    group: str
+    idle: float
+    deleted: list[str]
+    held: list[ConsumerInfo]
+    dry_run: bool
+
+
+async def _consumers(transport: Transport, stream: str, group: str) -> list[ConsumerInfo]:
+    try:
+        raw = await transport.execute("XINFO", "CONSUMERS", stream, group)
+    except Exception as exc:
+        if is_nogroup(exc):
+            raise NotFoundError(
+                f"consumer group {group!r} of stream {stream!r} does not exist"
+            ) from None
+        raise convert(exc, f"XINFO CONSUMERS {stream}") from None
+    out = []
+    for row in raw or ():
+        c = _pairs(row)
+        out.append(
+            ConsumerInfo(
+                name=_text(c["name"]),
+                pending=_int(c.get("pending"), 0) or 0,
+                idle=(_int(c.get("idle"), 0) or 0) / 1000,
+            )
+        )
+    return out
+
+
+async def prune(
+    transport: Transport, stream: str, group: str, idle: float, *, dry_run: bool = False
+) -> PruneResult:
+    """Delete the consumers of ``group`` idle ``idle`` seconds or more that hold nothing.
+
+    The check and the delete are one atomic script (see :mod:`streamq._pruner`), so
+    a consumer handed entries meanwhile is kept and no pending entry is dropped.
+
+    Raises:
+        NotFoundError: The stream or the group does not exist.
+    """
+    await _require_stream(transport, stream)
+    before = await _consumers(transport, stream, group)
+    if dry_run:
+        deleted = [c.name for c in before if c.pending == 0 and c.idle >= idle]
+    else:
+        try:
+            deleted = await delete_idle_consumers(transport, stream, group, idle)
+        except Exception as exc:
+            raise convert(exc, f"prune consumers of {stream}") from None
+    after = before if dry_run else await _consumers(transport, stream, group)
+    held = [c for c in after if c.pending > 0 and c.idle >= idle]
+    return PruneResult(stream, group, idle, deleted, held, dry_run)

@@ -21,8 +21,9 @@ import logging
 
 from ._errors import StreamqError, is_nogroup
 from ._shared import Shared
+from ._transport import Transport
 
-__all__ = ["Pruner"]
+__all__ = ["Pruner", "delete_idle_consumers"]
 
 logger = logging.getLogger("streamq")
 
@@ -53,6 +54,18 @@ return deleted
 _MAX_INTERVAL = 300.0
 
 
+async def delete_idle_consumers(
+    transport: Transport, stream: str, group: str, idle: float, keep: str = ""
+) -> list[str]:
+    """Delete the consumers of ``group`` idle ``idle`` seconds or more that hold nothing.
+
+    One atomic script (see the module docs); ``keep`` is never deleted (the caller's
+    own name). Returns the names deleted. Errors propagate unconverted.
+    """
+    reply = await transport.execute("EVAL", _PRUNE, 1, stream, group, round(idle * 1000), keep)
+    return [name.decode(errors="replace") for name in reply or ()]
+
+
 class Pruner:
     """Deletes idle consumers without pending entries from the group, periodically.
 
@@ -77,19 +90,17 @@ class Pruner:
         """One round on ``stream``; returns the names of the consumers deleted."""
         shared = self._shared
         opts = shared.options
-        idle_ms = round(opts.prune_consumers_after * 1000)
         try:
-            reply = await shared.retry.call(
+            deleted = await shared.retry.call(
                 f"prune consumers of {stream}",
-                shared.transport.execute,
-                *("EVAL", _PRUNE, 1, stream, opts.group, idle_ms, opts.consumer),
+                delete_idle_consumers,
+                *(shared.transport, stream, opts.group, opts.prune_consumers_after, opts.consumer),
             )
         except StreamqError as exc:
             # Deleted under us between two commands of a round: nothing to prune.
             if exc.error is not None and is_nogroup(exc.error):
                 return []
             raise
-        deleted = [name.decode(errors="replace") for name in reply or ()]
         for name in deleted:
             shared.counts["pruned"] += 1
             logger.info(

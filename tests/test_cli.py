@@ -26,7 +26,7 @@ from streamq._admin import replay
 from streamq._cli import EXIT_CODES, build_parser, main
 from streamq._servers import LocalRedis
 from streamq._transport import open_transport
-from streamq.testing import consume_until
+from streamq.testing import consume_until, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -154,14 +154,19 @@ async def test_missing_stream_or_group_exits_2(
         ("dead", stream_name),
         ("replay", stream_name),
         ("trim", stream_name, "--maxlen", "5"),
+        ("prune", stream_name, "billing", "--idle", "60"),
     ):
         result = cli(*args, "--url", redis_url)
         assert result.returncode == 2, (args, result.stderr)
         assert f"stream {stream_name!r} does not exist" in result.stderr
     await redis_client.xadd(stream_name, {"a": "1"})
-    result = cli("pending", stream_name, "nosuchgroup", "--url", redis_url)
-    assert result.returncode == 2
-    assert "consumer group 'nosuchgroup'" in result.stderr
+    for args in (
+        ("pending", stream_name, "nosuchgroup"),
+        ("prune", stream_name, "nosuchgroup", "--idle", "60"),
+    ):
+        result = cli(*args, "--url", redis_url)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "consumer group 'nosuchgroup'" in result.stderr
     await redis_client.set(f"{stream_name}:str", "x")
     result = cli("info", f"{stream_name}:str", "--url", redis_url)
     assert result.returncode == 2
@@ -331,6 +336,44 @@ async def test_trim_keeps_what_a_group_still_needs(
     assert "trimmed 3 of 10 entries" in result.stdout
     assert "a consumer group has not read or acknowledged it yet" in result.stdout
     assert await redis_client.xlen(stream_name) == 7
+
+
+async def test_prune_deletes_idle_consumers_that_hold_nothing(
+    redis_url: str, redis_client: redis.asyncio.Redis, stream_name: str
+) -> None:
+    await redis_client.xadd(stream_name, {"n": 1})
+    await redis_client.xgroup_create(stream_name, "g", id="0")
+    # "holder" holds the entry; "gone-1" and "gone-2" hold nothing.
+    await redis_client.xreadgroup("g", "holder", {stream_name: ">"})
+    for name in ("gone-1", "gone-2"):
+        await redis_client.xgroup_createconsumer(stream_name, "g", name)
+
+    async def idle_enough() -> bool:
+        rows = await redis_client.xinfo_consumers(stream_name, "g")
+        return all(row["idle"] >= 200 for row in rows)
+
+    await wait_until(idle_enough, message="every consumer idle 0.2 s")
+    dry = cli("prune", stream_name, "g", "--idle", "0.2", "--dry-run", "--json", "--url", redis_url)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert (plan["dry_run"], sorted(plan["deleted"])) == (True, ["gone-1", "gone-2"])
+    assert [c["name"] for c in plan["held"]] == ["holder"]
+    assert len(await redis_client.xinfo_consumers(stream_name, "g")) == 3  # nothing changed
+
+    # A long limit deletes nothing.
+    kept = cli("prune", stream_name, "g", "--idle", "3600", "--url", redis_url)
+    assert kept.returncode == 0, kept.stderr
+    assert "deleted 0 consumer(s)" in kept.stdout
+
+    result = cli("prune", stream_name, "g", "--idle", "0.2", "--url", redis_url)
+    assert result.returncode == 0, result.stderr
+    assert "deleted 2 consumer(s) of group g" in result.stdout
+    assert "gone-1" in result.stdout
+    assert "gone-2" in result.stdout
+    assert "holder" in result.stdout  # listed as kept, with its pending entry
+    rows = await redis_client.xinfo_consumers(stream_name, "g")
+    assert [row["name"] for row in rows] in (["holder"], [b"holder"])
+    assert (await redis_client.xpending(stream_name, "g"))["pending"] == 1
 
 
 def test_demo_starts_and_stops_its_own_server() -> None:

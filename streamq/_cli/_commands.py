@@ -1,4 +1,5 @@
-"""The admin commands of ``streamq``: ``info``, ``pending``, ``dead``, ``replay``, ``trim``.
+"""The admin commands of ``streamq``: ``info``, ``pending``, ``dead``, ``replay``, ``trim``,
+``prune``.
 
 Each is an async function of the parsed arguments that connects (through
 :func:`._run._connect`), calls the matching function of :mod:`streamq._admin`,
@@ -25,7 +26,7 @@ from ._output import (
 )
 from ._run import OK, _connect
 
-__all__ = ["_dead", "_info", "_pending", "_replay", "_trim"]
+__all__ = ["_dead", "_info", "_pending", "_prune", "_replay", "_trim"]
 
 
 async def _info(args: argparse.Namespace) -> int:
@@ -203,5 +204,34 @@ async def _trim(args: argparse.Namespace) -> int:
         print(
             f"kept everything from {result.keep_from} on: a consumer group has not "
             "read or acknowledged it yet"
+        )
+    return OK
+
+
+async def _prune(args: argparse.Namespace) -> int:
+    async with _connect(args) as transport:
+        result = await _admin.prune(
+            transport, args.stream, args.group, args.idle, dry_run=args.dry_run
+        )
+    if args.json:
+        _print_json(asdict(result))
+        return OK
+    verb = "would delete" if result.dry_run else "deleted"
+    names = ", ".join(result.deleted) if result.deleted else "none"
+    print(
+        f"{verb} {len(result.deleted):,} consumer(s) of group {result.group} idle "
+        f"{_seconds(result.idle)} or more: {names}"
+    )
+    if result.held:
+        print(
+            f"kept {len(result.held):,} idle consumer(s) that still hold pending entries "
+            "(a running consumer claims them after pending_timeout):"
+        )
+        print(
+            _table(
+                [(c.name, c.pending, _seconds(c.idle)) for c in result.held],
+                ["consumer", "pending", "idle"],
+                indent="  ",
+            )
         )
     return OK

@@ -17,7 +17,7 @@ import textwrap
 from typing import NoReturn
 
 from .._version import __version__
-from ._commands import _dead, _info, _pending, _replay, _trim
+from ._commands import _dead, _info, _pending, _prune, _replay, _trim
 from ._demo_bench import _bench, _demo
 from ._run import DEFAULT_URL, EXIT_CODES, USAGE
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             streamq: reliable message processing over Redis Streams consumer groups.
 
             Inspect streams, groups, pending entries and dead letters; replay dead
-            letters; trim safely; run the demo and the benchmark.
+            letters; trim safely; prune dead consumers; run the demo and the benchmark.
             """
         ),
         epilog=_examples(
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
             "streamq dead orders",
             "streamq replay orders --dry-run",
             "streamq trim orders --maxlen 100000",
+            "streamq prune orders billing --idle 86400",
             "streamq bench",
         ),
         formatter_class=fmt,
@@ -276,6 +277,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="count only; change nothing")
     p.set_defaults(handler=_trim)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete consumers that are gone for good from a group",
+        description=textwrap.dedent(
+            """\
+            Delete the consumers of a group that have been idle at least --idle
+            seconds and hold no pending entries: dead pods and renamed workers pile
+            up in a group otherwise. The check and XGROUP DELCONSUMER run in one
+            atomic script, so a consumer handed entries meanwhile is kept and no
+            pending entry is dropped; idle consumers that still hold entries are
+            listed and left alone. Before Redis 7.2, idle time counts from a
+            consumer's last read that returned entries, so a live but quiet consumer
+            may be deleted too, harmlessly: Redis recreates it when it next gets
+            entries. (ConsumerOptions(prune_consumers_after=...) does this from a
+            running consumer.)
+            """
+        ),
+        epilog=_examples(
+            "streamq prune orders billing --idle 86400 --dry-run",
+            "streamq prune orders billing --idle 3600 --json",
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("stream", help="the stream's key")
+    p.add_argument("group", help="the consumer group")
+    p.add_argument(
+        "--idle",
+        type=_seconds_arg,
+        required=True,
+        metavar="SECONDS",
+        help="delete consumers idle at least this long",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list only; change nothing")
+    p.set_defaults(handler=_prune)
 
     p = sub.add_parser(
         "bench",
