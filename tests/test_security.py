@@ -367,3 +367,33 @@ async def test_pruning_needs_exactly_its_documented_commands(redis_server: Local
             assert "prune consumers of orders" in str(fatal), (missing, fatal)
     finally:
         redis_server.execute("ACL", "DELUSER", "streamq")
+
+
+async def test_idempotent_publishing_needs_xrevrange_and_xrange(
+    redis_server: LocalRedis, make_proxy: Any
+) -> None:
+    proxy = await make_proxy(redis_server)
+    url = proxy.url(username="streamq", password="pw")
+    try:
+        for rules, stored_once in (
+            (("+xadd", "+xrevrange", "+xrange"), True),
+            (("+xadd",), False),
+        ):
+            redis_server.execute(
+                "ACL", "SETUSER", "streamq", "reset", "on", ">pw", "~orders", *rules
+            )
+            redis_server.execute("DEL", "orders")
+            options = {"idempotent": True, "backoff": FAST, "network_retry": 3}
+            async with AsyncPublisher(redis=url, **options) as publisher:
+                await publisher.publish(Message("orders", {"n": 0}, id="1-1"))  # connected
+                proxy.lose_replies(1)
+                if stored_once:
+                    assert await publisher.publish(Message("orders", {"n": 1})) != "1-1"
+                    assert redis_server.execute("XLEN", "orders") == 2
+                else:
+                    # The lookup is refused: the publish fails loudly, it is not resent blind.
+                    with pytest.raises(RedisError, match="XADD"):
+                        await publisher.publish(Message("orders", {"n": 1}))
+                    assert redis_server.execute("XLEN", "orders") == 2
+    finally:
+        redis_server.execute("ACL", "DELUSER", "streamq")
