@@ -210,19 +210,7 @@ async def stream_info(
                 oldest_id = _text(rows[0][0])
                 oldest_idle = int(rows[0][2]) / 1000
                 oldest_deliveries = int(rows[0][3])
-        raw_consumers = await _run(
-            transport, f"XINFO CONSUMERS {stream}", "XINFO", "CONSUMERS", stream, name
-        )
-        consumers = []
-        for rc in raw_consumers or ():
-            c = _pairs(rc)
-            consumers.append(
-                ConsumerInfo(
-                    name=_text(c["name"]),
-                    pending=_int(c.get("pending"), 0) or 0,
-                    idle=(_int(c.get("idle"), 0) or 0) / 1000,
-                )
-            )
+        consumers = await _consumers(transport, stream, name)
         groups.append(
             GroupInfo(
                 name=name,
