@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._cluster import ClusterTransport
-from ._errors import ClosedError, StreamqError, convert, is_network_error
+from ._errors import ClosedError, StreamqError, convert
 from ._errorstream import ErrorStream
 from ._idempotence import FIELD, Tagger, find_stored
 from ._message import Message, validate_stream_name, validate_values
 from ._options import PublisherOptions
 from ._retry import NetworkRetry
-from ._transport import Transport, open_transport
+from ._transport import Transport, open_transport, send_retrying
 from ._trim import safe_trim
 
 __all__ = ["AsyncPublisher", "PublisherStats"]
@@ -308,42 +308,15 @@ class AsyncPublisher:
         found are sent again. On a cluster a failing master fails the attempt as a
         whole, and the lookup finds what the healthy masters stored.
         """
-        results: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        started: float | None = None
+        started = time.monotonic()
         id_at = 2 + len(self._trim_args)
 
-        async def attempt() -> list[Any]:
-            nonlocal todo, started
-            if started is None:
-                started = time.monotonic()
-            else:
-                wanted = [(batch[i][1], batch[i][id_at], batch[i][-1]) for i in todo]
-                found = await find_stored(transport, wanted, time.monotonic() - started)
-                for k, entry_id in found.items():
-                    results[todo[k]] = entry_id
-                todo = [i for k, i in enumerate(todo) if k not in found]
-                if not todo:
-                    return results
-            replies = await transport.pipeline([batch[i] for i in todo])
-            failed = []
-            for i, reply in zip(todo, replies, strict=True):
-                results[i] = reply
-                if isinstance(reply, Exception) and is_network_error(reply):
-                    failed.append(i)
-            todo = failed
-            if failed:
-                raise results[failed[0]]
-            return results
+        async def recover(todo: list[int]) -> dict[int, Any]:
+            wanted = [(batch[i][1], batch[i][id_at], batch[i][-1]) for i in todo]
+            found = await find_stored(transport, wanted, time.monotonic() - started)
+            return {todo[k]: entry_id for k, entry_id in found.items()}
 
-        try:
-            return await self._retry.call(what, attempt)
-        except Exception as exc:
-            if len(todo) == len(batch):
-                raise
-            for i in todo:
-                results[i] = exc
-            return results
+        return await send_retrying(what, batch, self._retry, transport.pipeline, True, recover)
 
     async def _enqueue(self, args: list[Any]) -> str:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()

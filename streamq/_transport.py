@@ -303,6 +303,7 @@ async def send_retrying(
     retry: NetworkRetry,
     send: Callable[[Sequence[Command]], Awaitable[list[Any]]],
     resend_refused: bool,
+    recover: Callable[[list[int]], Awaitable[dict[int, Any]]] | None = None,
 ) -> list[Any]:
     """``send(commands)`` under ``retry``; per-command errors are returned, not raised.
 
@@ -311,14 +312,28 @@ async def send_retrying(
     alone, under the same retry budget: a refused command did not run, so this
     duplicates nothing. When the budget runs out after some commands ran, their
     replies are returned and the unfinished ones hold the final error.
+
+    ``recover`` (only with ``resend_refused``) runs before each resend with the
+    indexes about to be sent again and returns the replies of those that need
+    not be (e.g. found stored by an attempt whose reply was lost); the rest are
+    sent.
     """
     if not resend_refused:
         return await retry.call(what, send, commands)
     results: list[Any] = [None] * len(commands)
     todo = list(range(len(commands)))
+    attempted = False
 
     async def attempt() -> list[Any]:
-        nonlocal todo
+        nonlocal todo, attempted
+        if attempted and recover is not None:
+            done = await recover(todo)
+            for i, reply in done.items():
+                results[i] = reply
+            todo = [i for i in todo if i not in done]
+            if not todo:
+                return results
+        attempted = True
         replies = await send(
             commands if len(todo) == len(commands) else [commands[i] for i in todo]
         )
