@@ -238,10 +238,10 @@ class AsyncPublisher:
             values = validate_values(msg.values)
         args: list[Any] = ["XADD", msg.stream, *self._trim_args, msg.id or "*"]
         tagger = self._tagger
+        if tagger is not None and FIELD in values:
+            # A message passed on from another stream: this publish gets its own tag.
+            values = {k: v for k, v in values.items() if k != FIELD}
         for k, v in values.items():
-            if tagger is not None and k == FIELD:
-                # A message passed on from another stream: this publish gets its own.
-                continue
             args.append(k)
             args.append(v)
         if tagger is not None:
